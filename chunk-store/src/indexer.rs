@@ -1,0 +1,523 @@
+//! One (re)scan of a synced root: walk, chunk what changed, publish a root.
+//!
+//! 1. **Walk** the tree without following symlinks. A file whose size,
+//!    mtime, inode and device match its record is not opened: its recipe is
+//!    reused. That is what makes a rescan of 100 k unchanged files cheap.
+//! 2. **Chunk** the other files, several at once (rayon, one file per core),
+//!    each streamed through the chunker. Each group of files is committed
+//!    in one batch: records, recipe nodes and chunk locations together.
+//! 3. **Build** the directory nodes bottom-up and publish the new root (and
+//!    a version one higher) in a final, fsynced batch, with the removal of
+//!    records for paths that disappeared.
+//!
+//! A crash between steps leaves records ahead of the published root, never
+//! the reverse; the next scan finds those files unchanged and finishes the
+//! job. Files modified while being read are read again.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::chunker::chunk_reader;
+use crate::error::Error;
+use crate::manifest::{
+    self, ChunkEntry, DirEntry, EntryMeta, MAX_PATH_LEN, MemNodes, Mtime, NodeSink,
+};
+use crate::store::{self, Batch, FileRecord, RootRecord, Store};
+use crate::{ChunkRef, Hash};
+
+/// Files chunked between two commits: bounds the memory held by results
+/// (chunk lists, recipe nodes) and the work a crash can lose.
+const GROUP_FILES: usize = 256;
+const GROUP_BYTES: u64 = 1 << 30;
+/// A file that keeps changing while we read it is given up on for this
+/// scan after this many attempts (the watcher will bring it back).
+const READ_ATTEMPTS: u32 = 3;
+
+/// What a scan found and did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScanReport {
+    pub root: Hash,
+    pub version: u64,
+    /// Whether the root changed.
+    pub changed: bool,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    /// Files opened and chunked (0 on a rescan of unchanged content).
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Records of paths that no longer exist.
+    pub removed: u64,
+    /// Entries left out: special files, non-UTF-8 names, files that kept
+    /// changing while read.
+    pub skipped: u64,
+    pub seconds: f64,
+}
+
+enum Item {
+    File {
+        name: String,
+        /// Index into the pending list, or the reused entry.
+        state: FileState,
+    },
+    Dir {
+        name: String,
+        index: usize,
+    },
+    Symlink {
+        name: String,
+        target: String,
+    },
+}
+
+enum FileState {
+    Reused(FileRecord),
+    Pending(usize),
+}
+
+struct WalkedDir {
+    rel: String,
+    mode: u32,
+    items: Vec<Item>,
+}
+
+struct Pending {
+    rel: String,
+    abs: PathBuf,
+    size: u64,
+}
+
+struct Chunked {
+    record: FileRecord,
+    chunks: Vec<ChunkRef>,
+    nodes: MemNodes,
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+fn mtime_of(m: &Metadata) -> Mtime {
+    Mtime {
+        secs: m.mtime(),
+        nanos: m.mtime_nsec() as u32,
+    }
+}
+
+/// Scans `root` as synced directory `dir` and publishes its manifest root.
+pub fn scan(store: &Store, dir: &str, root: &Path) -> Result<ScanReport, Error> {
+    let started = Instant::now();
+    store::validate_dir_id(dir)?;
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::RootUnavailable {
+                path: root.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        Err(e) => {
+            return Err(Error::RootUnavailable {
+                path: root.to_path_buf(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    let mut old = store.file_records(dir)?;
+    let mut report = ScanReport {
+        root: Hash([0; 32]),
+        version: 0,
+        changed: false,
+        files: 0,
+        dirs: 0,
+        symlinks: 0,
+        bytes: 0,
+        chunks: 0,
+        files_read: 0,
+        bytes_read: 0,
+        removed: 0,
+        skipped: 0,
+        seconds: 0.0,
+    };
+
+    // 1. Walk.
+    let mut dirs: Vec<WalkedDir> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::with_capacity(old.len());
+    let root_mode = fs::metadata(root).map_err(|e| Error::io(root, e))?.mode() & 0o7777;
+    let mut todo = vec![(String::new(), root.to_path_buf(), root_mode)];
+    while let Some((rel, abs, mode)) = todo.pop() {
+        let mut items = Vec::new();
+        let rd = match fs::read_dir(&abs) {
+            Ok(rd) => rd,
+            // A sub-directory removed since its parent was listed: empty.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => {
+                dirs.push(WalkedDir { rel, mode, items });
+                continue;
+            }
+            Err(e) => return Err(Error::io(&abs, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io(&abs, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                tracing::warn!(path = %entry.path().display(), "skipping entry whose name is not UTF-8");
+                report.skipped += 1;
+                continue;
+            };
+            let child_rel = join(&rel, &name);
+            if child_rel.len() > MAX_PATH_LEN {
+                tracing::warn!(path = %entry.path().display(), "skipping path longer than {MAX_PATH_LEN} bytes");
+                report.skipped += 1;
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(entry.path(), e)),
+            };
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                seen.insert(child_rel.clone());
+                // Index assigned when popped; remember it by position.
+                items.push(Item::Dir {
+                    name,
+                    index: usize::MAX,
+                });
+                todo.push((child_rel, entry.path(), meta.mode() & 0o7777));
+            } else if ft.is_file() {
+                seen.insert(child_rel.clone());
+                let state = match old.get(&child_rel) {
+                    Some(rec) if unchanged(rec, &meta) => {
+                        let mut rec = rec.clone();
+                        if let EntryMeta::File { mode, .. } = &mut rec.meta {
+                            *mode = meta.mode() & 0o7777;
+                        }
+                        FileState::Reused(rec)
+                    }
+                    _ => {
+                        pending.push(Pending {
+                            rel: child_rel,
+                            abs: entry.path(),
+                            size: meta.len(),
+                        });
+                        FileState::Pending(pending.len() - 1)
+                    }
+                };
+                items.push(Item::File { name, state });
+            } else if ft.is_symlink() {
+                let target = match fs::read_link(entry.path()) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(entry.path(), e)),
+                };
+                match target.into_os_string().into_string() {
+                    Ok(target)
+                        if !target.is_empty() && target.len() <= manifest::MAX_SYMLINK_TARGET =>
+                    {
+                        seen.insert(child_rel);
+                        items.push(Item::Symlink { name, target });
+                    }
+                    _ => {
+                        tracing::warn!(path = %entry.path().display(), "skipping symlink whose target is not UTF-8 or too long");
+                        report.skipped += 1;
+                    }
+                }
+            } else {
+                tracing::debug!(path = %entry.path().display(), "skipping special file");
+                report.skipped += 1;
+            }
+        }
+        dirs.push(WalkedDir { rel, mode, items });
+    }
+    // Sub-directories were pushed on `todo` in item order and popped LIFO;
+    // resolve each Dir item to the index of its WalkedDir by path.
+    let index_of: HashMap<String, usize> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.rel.clone(), i))
+        .collect();
+    for d in &mut dirs {
+        let rel = d.rel.clone();
+        for item in &mut d.items {
+            if let Item::Dir { name, index } = item {
+                *index = index_of[&join(&rel, name)];
+            }
+        }
+    }
+
+    // 2. Chunk what changed, a group at a time, files of a group in parallel.
+    let mut results: Vec<Option<FileRecord>> = vec![None; pending.len()];
+    let cfg = store.chunker();
+    let mut start = 0;
+    while start < pending.len() {
+        let mut end = start;
+        let mut group_bytes = 0u64;
+        while end < pending.len() && end - start < GROUP_FILES && group_bytes < GROUP_BYTES {
+            group_bytes += pending[end].size;
+            end += 1;
+        }
+        let chunked: Vec<Result<Read, Error>> = pending[start..end]
+            .par_iter()
+            .map(|p| chunk_file(&cfg, &p.abs))
+            .collect();
+        let mut batch = store.batch();
+        for (i, res) in (start..end).zip(chunked) {
+            let p = &pending[i];
+            let c = match res? {
+                Read::Done(c) => c,
+                Read::Vanished => {
+                    seen.remove(&p.rel);
+                    continue;
+                }
+                Read::Unstable => {
+                    // Publishing without it would delete it on every
+                    // replica: keep the last good version if there is one.
+                    tracing::warn!(path = %p.abs.display(), "file kept changing while read; keeping its previous version for this scan");
+                    report.skipped += 1;
+                    match old.get(&p.rel) {
+                        Some(
+                            rec @ FileRecord {
+                                meta: EntryMeta::File { .. },
+                                ..
+                            },
+                        ) => results[i] = Some(rec.clone()),
+                        _ => {
+                            seen.remove(&p.rel);
+                        }
+                    }
+                    continue;
+                }
+            };
+            report.files_read += 1;
+            if let EntryMeta::File { size, .. } = c.record.meta {
+                report.bytes_read += size;
+            }
+            let old_rec = old.remove(&p.rel);
+            delete_locations(store, &mut batch, dir, &p.rel, old_rec.as_ref())?;
+            for (h, bytes) in c.nodes.nodes {
+                batch.put_node(h, bytes)?;
+            }
+            let mut first: HashMap<Hash, ()> = HashMap::with_capacity(c.chunks.len());
+            for ch in &c.chunks {
+                if first.insert(ch.hash, ()).is_none() {
+                    batch.put_location(&ch.hash, dir, &p.rel, ch.offset, ch.len, false);
+                }
+            }
+            batch.put_file(dir, &p.rel, &c.record);
+            results[i] = Some(c.record);
+        }
+        store.commit(batch, false)?;
+        start = end;
+    }
+
+    // 3. Directory nodes bottom-up; records of dirs, symlinks, mode changes;
+    //    removals; the root.
+    let mut batch = store.batch();
+    let mut roots: Vec<Option<Hash>> = vec![None; dirs.len()];
+    for i in (0..dirs.len()).rev() {
+        let d = &dirs[i];
+        let mut entries = Vec::with_capacity(d.items.len());
+        for item in &d.items {
+            // Records of files read in step 2 are already written.
+            let mut written = false;
+            let (name, rec) = match item {
+                Item::File { name, state } => {
+                    let rec = match state {
+                        FileState::Reused(rec) => rec.clone(),
+                        FileState::Pending(p) => match &results[*p] {
+                            Some(rec) => {
+                                written = true;
+                                rec.clone()
+                            }
+                            None => continue,
+                        },
+                    };
+                    report.files += 1;
+                    report.chunks += rec.chunks;
+                    if let EntryMeta::File { size, .. } = rec.meta {
+                        report.bytes += size;
+                    }
+                    (name, rec)
+                }
+                Item::Dir { name, index } => {
+                    report.dirs += 1;
+                    let root = roots[*index].expect("children are built before parents");
+                    let rec = FileRecord {
+                        meta: EntryMeta::Dir {
+                            mode: dirs[*index].mode,
+                            root,
+                        },
+                        inode: 0,
+                        dev: 0,
+                        chunks: 0,
+                    };
+                    (name, rec)
+                }
+                Item::Symlink { name, target } => {
+                    report.symlinks += 1;
+                    let rec = FileRecord {
+                        meta: EntryMeta::Symlink {
+                            target: target.clone(),
+                        },
+                        inode: 0,
+                        dev: 0,
+                        chunks: 0,
+                    };
+                    (name, rec)
+                }
+            };
+            let rel = join(&d.rel, name);
+            let previous = if written { None } else { old.remove(&rel) };
+            if !written && previous.as_ref() != Some(&rec) {
+                if let Some(prev) = &previous
+                    && !matches!(rec.meta, EntryMeta::File { .. })
+                {
+                    // A file became a directory or a symlink.
+                    delete_locations(store, &mut batch, dir, &rel, Some(prev))?;
+                }
+                batch.put_file(dir, &rel, &rec);
+            }
+            entries.push(DirEntry {
+                name: name.clone(),
+                meta: rec.meta,
+            });
+        }
+        entries.sort_unstable_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+        roots[i] = Some(manifest::build_dir(entries, &mut batch)?);
+    }
+    // Whatever is left in `old` no longer exists on disk.
+    for (rel, rec) in &old {
+        if seen.contains(rel) {
+            continue;
+        }
+        delete_locations(store, &mut batch, dir, rel, Some(rec))?;
+        batch.delete_file(dir, rel);
+        report.removed += 1;
+    }
+    report.root = roots[0].expect("the root directory is walked first");
+    let previous = store.root(dir)?;
+    report.version = previous.map_or(0, |p| p.version);
+    if previous.map(|p| p.root) != Some(report.root) {
+        report.changed = true;
+        report.version += 1;
+    }
+    let record = RootRecord {
+        root: report.root,
+        version: report.version,
+        files: report.files,
+        bytes: report.bytes,
+        chunks: report.chunks,
+    };
+    if previous != Some(record) {
+        batch.put_root(dir, &record);
+    }
+    if !batch.is_empty() {
+        // The root is what peers will be told about: make it durable.
+        store.commit(batch, true)?;
+    }
+    if report.changed {
+        store.collect_garbage(false)?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn unchanged(rec: &FileRecord, m: &Metadata) -> bool {
+    match &rec.meta {
+        EntryMeta::File { size, mtime, .. } => {
+            *size == m.len() && *mtime == mtime_of(m) && rec.inode == m.ino() && rec.dev == m.dev()
+        }
+        _ => false,
+    }
+}
+
+/// Removes the chunk locations a previous version of `rel` recorded.
+fn delete_locations(
+    store: &Store,
+    batch: &mut Batch<'_>,
+    dir: &str,
+    rel: &str,
+    previous: Option<&FileRecord>,
+) -> Result<(), Error> {
+    if let Some(FileRecord {
+        meta: EntryMeta::File { recipe, .. },
+        ..
+    }) = previous
+    {
+        for c in manifest::read_recipe(store, recipe)? {
+            batch.delete_location(&c.hash, dir, rel);
+        }
+    }
+    Ok(())
+}
+
+enum Read {
+    Done(Chunked),
+    Vanished,
+    /// Modified while read, every attempt.
+    Unstable,
+}
+
+/// Chunks one file.
+fn chunk_file(cfg: &crate::ChunkerConfig, path: &Path) -> Result<Read, Error> {
+    for _ in 0..READ_ATTEMPTS {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Read::Vanished),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let before = file.metadata().map_err(|e| Error::io(path, e))?;
+        let mut chunks = Vec::with_capacity((before.len() / u64::from(cfg.avg())) as usize + 1);
+        let len =
+            chunk_reader(cfg, &file, |c, _| chunks.push(c)).map_err(|e| Error::io(path, e))?;
+        let after = file.metadata().map_err(|e| Error::io(path, e))?;
+        if len != after.len()
+            || mtime_of(&before) != mtime_of(&after)
+            || before.len() != after.len()
+        {
+            continue; // written to while we read it
+        }
+        let mut nodes = MemNodes::default();
+        let recipe = manifest::build_recipe(
+            chunks
+                .iter()
+                .map(|c| ChunkEntry {
+                    hash: c.hash,
+                    len: c.len,
+                })
+                .collect(),
+            &mut nodes,
+        )?;
+        return Ok(Read::Done(Chunked {
+            record: FileRecord {
+                meta: EntryMeta::File {
+                    mode: after.mode() & 0o7777,
+                    size: len,
+                    mtime: mtime_of(&after),
+                    recipe,
+                },
+                inode: after.ino(),
+                dev: after.dev(),
+                chunks: chunks.len() as u64,
+            },
+            chunks,
+            nodes,
+        }));
+    }
+    Ok(Read::Unstable)
+}
+
+#[cfg(test)]
+mod tests;

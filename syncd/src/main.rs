@@ -1,0 +1,64 @@
+//! `syncd`: the daemon binary. Glue only: parse arguments, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "syncd",
+    version,
+    about = "Keeps directories identical across a fleet of servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Index a directory: chunk changed files, update the local index and
+    /// print the manifest root. Unchanged files (same size, mtime, inode)
+    /// are not read again.
+    Index {
+        /// The directory to index.
+        dir: PathBuf,
+        /// Where the index (RocksDB) lives.
+        #[arg(long, default_value = "/var/lib/syncd")]
+        state: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Index { dir, state, json } => {
+            let report = syncd::index::run(&dir, &state)?;
+            if json {
+                println!("{}", syncd::index::to_json(&report));
+            } else {
+                print!("{}", syncd::index::to_text(&report));
+            }
+        }
+    }
+    Ok(())
+}
