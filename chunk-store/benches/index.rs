@@ -5,7 +5,7 @@
 //!   cache, and a full scan into a fresh RocksDB index, side by side.
 //! - `rescan_100k_unchanged`: a scan of 100 k files none of which changed.
 //! - `diff_1m_entries_one_changed`: two 1 M-entry manifests differing in
-//!   one file (prints the nodes visited).
+//!   one file, all in one directory (prints the nodes visited).
 
 use std::fs;
 use std::path::PathBuf;
@@ -111,7 +111,7 @@ fn diff_1m_entries_one_changed(b: Bencher) {
                 } else {
                     file(i)
                 };
-                (format!("d{:02}/{i:07}", i % 16), meta)
+                (format!("flat/{i:07}"), meta)
             }),
             &mut nodes,
         )

@@ -381,30 +381,51 @@ fn modified_large_file_reads_only_changed_recipe_pages() {
     );
 }
 
-/// The benchmark target: two 1 M-entry manifests that differ in one file.
+/// The benchmark target: two manifests of 1 M entries in one directory
+/// that differ in one file.
 #[test]
 fn one_million_entries_diff_visits_at_most_64_nodes() {
     let n = 1_000_000u32;
     let build = |changed: bool| {
         let mut nodes = MemNodes::default();
         let entries = (0..n).map(|i| {
-            let dir = format!("d{:02}", i % 4);
             let meta = if changed && i == 777_777 {
                 file(u32::MAX)
             } else {
                 file(i)
             };
-            (format!("{dir}/{i:07}"), meta)
+            (format!("flat/{i:07}"), meta)
         });
         let root = build_from_paths(entries, &mut nodes).unwrap();
         (nodes, root)
     };
     let (a, ra) = build(false);
     let (b, rb) = build(true);
+    assert!(a.nodes.values().all(|v| v.len() <= 256 << 10));
     let d = diff(&a, Some(ra), &b, Some(rb), &mut |_| Ok(true)).unwrap();
     assert_eq!(d.changes.len(), 1);
-    assert_eq!(d.changes[0].path, format!("d{:02}/0777777", 777_777 % 4));
+    assert_eq!(d.changes[0].path, "flat/0777777");
     assert!(d.nodes_visited <= 64, "visited {}", d.nodes_visited);
+}
+
+/// A 100 GiB file's recipe (1.6 M chunks of 64 KiB) is paged: no node
+/// near the limit, a few levels deep.
+#[test]
+fn recipe_of_100_gib_is_paged() {
+    let chunks: Vec<ChunkEntry> = (0..1_600_000u32)
+        .map(|i| ChunkEntry {
+            hash: Hash::of(&i.to_le_bytes()),
+            len: 64 << 10,
+        })
+        .collect();
+    let mut nodes = MemNodes::default();
+    let root = build_recipe(chunks.clone(), &mut nodes).unwrap();
+    let biggest = nodes.nodes.values().map(Vec::len).max().unwrap();
+    assert!(biggest <= 256 << 10, "node of {biggest} bytes");
+    assert!(nodes.nodes.len() > 1000);
+    let level = Node::decode(&nodes.nodes[&root]).unwrap().level();
+    assert!((1..=3).contains(&level), "root at level {level}");
+    assert_eq!(read_recipe(&nodes, &root).unwrap(), chunks);
 }
 
 fn remote_nodes(pairs: &[Vec<u8>]) -> MemNodes {
