@@ -1,10 +1,13 @@
-//! The syncd daemon library. For now it holds the `index` entry point; the
+//! The syncd daemon library. For now it holds configuration and the `index` entry point; the
 //! daemon's pipeline (watcher, gossip, scheduler, transfer, materialize,
 //! admin, metrics, config) arrives module by module.
 //!
 //! # Layout
 //!
+//! - [`config`]: `syncd.toml` and `dirs.d/*.toml`, parsed and validated
+//!   once, errors with file and line (`syncd check-config`).
 //! - [`index`]: `syncd index DIR`, one scan of a directory into a local
 //!   index, with a human or JSON report.
 
+pub mod config;
 pub mod index;

@@ -31,6 +31,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate syncd.toml and every dirs.d/*.toml beside it without
+    /// starting; exits non-zero naming the file and line of the first error.
+    CheckConfig {
+        #[arg(long, default_value = syncd::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +63,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", syncd::index::to_json(&report));
             } else {
                 print!("{}", syncd::index::to_text(&report));
+            }
+        }
+        Command::CheckConfig { config } => {
+            let c = syncd::config::Config::load(&config)?;
+            println!(
+                "{}: node {:?} listening on {}, {} director{}",
+                c.file.display(),
+                c.node.node.id.get_ref(),
+                c.listen,
+                c.dirs.len(),
+                if c.dirs.len() == 1 { "y" } else { "ies" }
+            );
+            for (id, (file, d)) in &c.dirs {
+                println!(
+                    "  {id:<16} {:<8} {}  ({})",
+                    format!("{:?}", d.mode.get_ref()).to_lowercase(),
+                    d.path.get_ref().display(),
+                    file.display()
+                );
             }
         }
     }

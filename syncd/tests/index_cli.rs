@@ -171,3 +171,53 @@ fn index_survives_kill_9_mid_write() {
         .check(&id)
         .unwrap();
 }
+
+#[test]
+fn check_config_reports_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = tmp.path().join("syncd.toml");
+    fs::write(
+        &node,
+        "[node]\nid = \"n1\"\nlisten = \"127.0.0.1:7400\"\nstate_dir = \"/var/lib/syncd\"\n",
+    )
+    .unwrap();
+    fs::create_dir(tmp.path().join("dirs.d")).unwrap();
+    let www = tmp.path().join("dirs.d/www.toml");
+    fs::write(
+        &www,
+        "id = \"www\"\npath = \"/srv/www\"\nmode = \"replica\"\n",
+    )
+    .unwrap();
+    let out = syncd()
+        .args(["check-config", "--config"])
+        .arg(&node)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("www") && text.contains("replica") && text.contains("/srv/www"),
+        "{text}"
+    );
+
+    fs::write(
+        &www,
+        "id = \"www\"\npath = \"/srv/www\"\nmode = \"replica\"\npaht = \"x\"\n",
+    )
+    .unwrap();
+    let out = syncd()
+        .args(["check-config", "--config"])
+        .arg(&node)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("www.toml") && err.contains("line 4") && err.contains("paht"),
+        "{err}"
+    );
+}

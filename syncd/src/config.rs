@@ -1,0 +1,559 @@
+//! Configuration: `/etc/syncd/syncd.toml` for the node, and one file per
+//! synced directory in `dirs.d/` beside it.
+//!
+//! Each file is one serde struct with `deny_unknown_fields` (a typo is an
+//! error, not a silently ignored key), parsed and validated once. Every
+//! error names the file and, where it comes from a key, the line:
+//! `/etc/syncd/dirs.d/www.toml:3: path "srv/www" must be absolute`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where `syncd run` and `syncd check-config` look by default.
+pub const DEFAULT_CONFIG: &str = "/etc/syncd/syncd.toml";
+/// The drop-in directory of per-directory files, beside the node file.
+pub const DIRS_D: &str = "dirs.d";
+
+/// Topology label keys; labels weight peer choice, so a typo in a key would
+/// silently make every peer "elsewhere".
+const LABEL_KEYS: [&str; 3] = ["region", "zone", "rack"];
+const MAX_PEERS: usize = 1024;
+const MAX_IGNORE: usize = 1024;
+const MAX_ID_LEN: usize = 128;
+
+/// A configuration error: which file, which line (when known), what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}:{line}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// `syncd.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's name in the fleet, unique: letters, digits, `.`, `_`, `-`.
+    pub id: Spanned<String>,
+    /// Address the peer service listens on, e.g. `0.0.0.0:7400`.
+    pub listen: Spanned<String>,
+    /// Where the index and transient files live. Must not be inside a
+    /// synced directory.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: Spanned<PathBuf>,
+    /// Bootstrap peers (`host:port`); the rest of the fleet is learned by
+    /// gossip.
+    #[serde(default = "spanned_default")]
+    pub peers: Spanned<Vec<String>>,
+    /// Topology: any of `region`, `zone`, `rack`. Nearer peers are
+    /// preferred (a weight, never a filter).
+    #[serde(default = "spanned_default")]
+    pub labels: Spanned<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Unix socket `syncctl` talks to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            socket: default_socket(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Prometheus `/metrics` address; absent disables the endpoint.
+    pub listen: Option<Spanned<String>>,
+}
+
+/// An absent key: empty value, span 0..0 (line 1; no key to point at).
+fn spanned_default<T: Default>() -> Spanned<T> {
+    Spanned::new(0..0, T::default())
+}
+
+fn default_state_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/var/lib/syncd"))
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/syncd/syncd.sock")
+}
+
+/// What a node does with a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Publishes; ignores remote changes.
+    Source,
+    /// Only receives; local edits are reported.
+    Replica,
+    /// Any node may publish (not implemented yet; rejected by validation).
+    TwoWay,
+}
+
+/// One file of `dirs.d/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirFile {
+    /// Fleet-wide id of the directory: letters, digits, `.`, `_`, `-`.
+    pub id: Spanned<String>,
+    /// Absolute path of the synced root on this node.
+    pub path: Spanned<PathBuf>,
+    pub mode: Spanned<Mode>,
+    /// Glob patterns of paths neither published nor touched.
+    #[serde(default = "spanned_default")]
+    pub ignore: Spanned<Vec<String>>,
+    /// Full rescan interval, the safety net under the watcher.
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    pub rescan_interval: Duration,
+}
+
+fn default_rescan() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// The validated whole: the node and its directories.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub node: NodeFile,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directories by id, each with the file it came from.
+    pub dirs: BTreeMap<String, (PathBuf, DirFile)>,
+}
+
+fn line_of(text: &str, span: std::ops::Range<usize>) -> usize {
+    text[..span.start.min(text.len())].matches('\n').count() + 1
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        // toml's message already says "at line L, column C" with a snippet.
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+/// Ids become RocksDB keys, metric labels and file names: keep them plain.
+fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!("{what} must be 1..={MAX_ID_LEN} characters"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "{what} {id:?} may only contain letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Loads `syncd.toml` and every `*.toml` in the `dirs.d/` beside it, and
+    /// validates everything. The first error wins.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = read(file)?;
+        let node: NodeFile = parse(file, &text)?;
+        let invalid = |span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
+            path: file.to_path_buf(),
+            line: line_of(&text, span),
+            message,
+        };
+        let n = &node.node;
+        check_id("node id", n.id.get_ref()).map_err(|m| invalid(n.id.span(), m))?;
+        let listen: SocketAddr = n.listen.get_ref().parse().map_err(|e| {
+            invalid(
+                n.listen.span(),
+                format!(
+                    "listen {:?} is not an address:port ({e})",
+                    n.listen.get_ref()
+                ),
+            )
+        })?;
+        if !n.state_dir.get_ref().is_absolute() {
+            return Err(invalid(
+                n.state_dir.span(),
+                format!("state_dir {:?} must be absolute", n.state_dir.get_ref()),
+            ));
+        }
+        if n.peers.get_ref().len() > MAX_PEERS {
+            return Err(invalid(
+                n.peers.span(),
+                format!("more than {MAX_PEERS} bootstrap peers"),
+            ));
+        }
+        for p in n.peers.get_ref() {
+            let ok = p
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(invalid(
+                    n.peers.span(),
+                    format!("peer {p:?} is not host:port"),
+                ));
+            }
+        }
+        for (k, v) in n.labels.get_ref() {
+            if !LABEL_KEYS.contains(&k.as_str()) {
+                return Err(invalid(
+                    n.labels.span(),
+                    format!("unknown label {k:?}; labels are {}", LABEL_KEYS.join(", ")),
+                ));
+            }
+            check_id(&format!("label {k}"), v).map_err(|m| invalid(n.labels.span(), m))?;
+        }
+        let metrics_listen = match &node.metrics.listen {
+            None => None,
+            Some(l) => Some(l.get_ref().parse().map_err(|e| {
+                invalid(
+                    l.span(),
+                    format!(
+                        "metrics listen {:?} is not an address:port ({e})",
+                        l.get_ref()
+                    ),
+                )
+            })?),
+        };
+        let dirs = load_dirs(file, n.state_dir.get_ref())?;
+        Ok(Config {
+            file: file.to_path_buf(),
+            listen,
+            metrics_listen,
+            dirs,
+            node,
+        })
+    }
+}
+
+/// Loads `dirs.d/*.toml` beside `file`, sorted by file name.
+fn load_dirs(
+    file: &Path,
+    state_dir: &Path,
+) -> Result<BTreeMap<String, (PathBuf, DirFile)>, ConfigError> {
+    let dir = file.parent().unwrap_or(Path::new(".")).join(DIRS_D);
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(|source| ConfigError::Read {
+                path: dir.clone(),
+                source,
+            })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(ConfigError::Read { path: dir, source }),
+    };
+    files.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+    files.sort();
+    let mut out: BTreeMap<String, (PathBuf, DirFile)> = BTreeMap::new();
+    let mut paths: HashMap<PathBuf, PathBuf> = HashMap::new();
+    for path in files {
+        let text = read(&path)?;
+        let d: DirFile = parse(&path, &text)?;
+        let invalid = |span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
+            path: path.clone(),
+            line: line_of(&text, span),
+            message,
+        };
+        check_id("directory id", d.id.get_ref()).map_err(|m| invalid(d.id.span(), m))?;
+        let root = d.path.get_ref();
+        if !root.is_absolute() {
+            return Err(invalid(
+                d.path.span(),
+                format!("path {root:?} must be absolute"),
+            ));
+        }
+        if root
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(invalid(
+                d.path.span(),
+                format!("path {root:?} contains '..'"),
+            ));
+        }
+        if *d.mode.get_ref() == Mode::TwoWay {
+            return Err(invalid(
+                d.mode.span(),
+                "mode \"two-way\" is not supported yet; use \"source\" or \"replica\"".into(),
+            ));
+        }
+        if d.ignore.get_ref().len() > MAX_IGNORE {
+            return Err(invalid(
+                d.ignore.span(),
+                format!("more than {MAX_IGNORE} ignore patterns"),
+            ));
+        }
+        if let Some(p) = d
+            .ignore
+            .get_ref()
+            .iter()
+            .find(|p| p.is_empty() || p.contains('\0'))
+        {
+            return Err(invalid(
+                d.ignore.span(),
+                format!("ignore pattern {p:?} is empty or has NUL"),
+            ));
+        }
+        if state_dir.starts_with(root) || root.starts_with(state_dir) {
+            return Err(invalid(
+                d.path.span(),
+                format!(
+                    "path {root:?} overlaps state_dir {state_dir:?}; the index would sync itself"
+                ),
+            ));
+        }
+        for (other, other_file) in &paths {
+            if root.starts_with(other) || other.starts_with(root) {
+                return Err(invalid(
+                    d.path.span(),
+                    format!(
+                        "path {root:?} overlaps {other:?} of {}",
+                        other_file.display()
+                    ),
+                ));
+            }
+        }
+        if let Some((prev, _)) = out.get(d.id.get_ref()) {
+            return Err(invalid(
+                d.id.span(),
+                format!(
+                    "directory id {:?} is already defined in {}",
+                    d.id.get_ref(),
+                    prev.display()
+                ),
+            ));
+        }
+        paths.insert(root.clone(), path.clone());
+        out.insert(d.id.get_ref().clone(), (path, d));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Files(tempfile::TempDir);
+
+    impl Files {
+        fn new(node: &str) -> Files {
+            let t = tempfile::tempdir().unwrap();
+            std::fs::write(t.path().join("syncd.toml"), node).unwrap();
+            std::fs::create_dir(t.path().join(DIRS_D)).unwrap();
+            Files(t)
+        }
+        fn dir(self, name: &str, text: &str) -> Files {
+            std::fs::write(self.0.path().join(DIRS_D).join(name), text).unwrap();
+            self
+        }
+        fn load(&self) -> Result<Config, ConfigError> {
+            Config::load(&self.0.path().join("syncd.toml"))
+        }
+        fn err(&self) -> String {
+            self.load().unwrap_err().to_string()
+        }
+    }
+
+    const NODE: &str = r#"
+[node]
+id = "web-01"
+listen = "0.0.0.0:7400"
+state_dir = "/var/lib/syncd"
+peers = ["10.0.0.2:7400", "seed.example:7400"]
+labels = { region = "eu-west", zone = "a", rack = "r12" }
+[admin]
+socket = "/run/syncd/syncd.sock"
+[metrics]
+listen = "127.0.0.1:9740"
+"#;
+
+    const WWW: &str = r#"
+id = "www"
+path = "/srv/www"
+mode = "source"
+ignore = ["*.tmp", ".cache/"]
+"#;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let f = Files::new(NODE).dir("www.toml", WWW).dir(
+            "conf.toml",
+            "id = \"conf\"\npath = \"/etc/app\"\nmode = \"replica\"\nrescan_interval = \"15m\"\n",
+        );
+        let c = f.load().unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9740".parse().unwrap()));
+        assert_eq!(c.dirs.len(), 2);
+        let (_, www) = &c.dirs["www"];
+        assert_eq!(*www.mode.get_ref(), Mode::Source);
+        assert_eq!(www.rescan_interval, Duration::from_secs(3600));
+        assert_eq!(c.dirs["conf"].1.rescan_interval, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_file_and_line() {
+        let f = Files::new(NODE).dir("www.toml", &format!("{WWW}rescan_intervall = \"1h\"\n"));
+        let e = f.err();
+        assert!(e.contains("www.toml"), "{e}");
+        assert!(e.contains("line 6"), "{e}");
+        assert!(e.contains("rescan_intervall"), "{e}");
+        let f = Files::new(&NODE.replace("[admin]", "[admin]\nsokcet = \"x\""));
+        let e = f.err();
+        assert!(
+            e.contains("syncd.toml") && e.contains("sokcet") && e.contains("line 9"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_line() {
+        let cases: [(&str, &str, &str); 6] = [
+            (
+                "path = \"/srv/www\"",
+                "path = \"srv/www\"",
+                ":3: path \"srv/www\" must be absolute",
+            ),
+            (
+                "id = \"www\"",
+                "id = \"w w\"",
+                ":2: directory id \"w w\" may only contain",
+            ),
+            (
+                "mode = \"source\"",
+                "mode = \"two-way\"",
+                ":4: mode \"two-way\" is not supported",
+            ),
+            (
+                "mode = \"source\"",
+                "mode = \"sauce\"",
+                "unknown variant `sauce`",
+            ),
+            (
+                "path = \"/srv/www\"",
+                "path = \"/var/lib/syncd/x\"",
+                "overlaps state_dir",
+            ),
+            (
+                "path = \"/srv/www\"",
+                "path = \"/srv/../etc\"",
+                "contains '..'",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let f = Files::new(NODE).dir("www.toml", &WWW.replace(from, to));
+            let e = f.err();
+            assert!(
+                e.contains("www.toml") && e.contains(want),
+                "{e} should contain {want}"
+            );
+        }
+        for (from, to, want) in [
+            (
+                "listen = \"0.0.0.0:7400\"",
+                "listen = \"0.0.0.0\"",
+                ":4: listen \"0.0.0.0\" is not an address:port",
+            ),
+            (
+                "rack = \"r12\"",
+                "rakc = \"r12\"",
+                ":7: unknown label \"rakc\"",
+            ),
+            (
+                "\"10.0.0.2:7400\"",
+                "\"10.0.0.2\"",
+                ":6: peer \"10.0.0.2\" is not host:port",
+            ),
+            (
+                "id = \"web-01\"",
+                "id = \"web/01\"",
+                ":3: node id \"web/01\"",
+            ),
+        ] {
+            let f = Files::new(&NODE.replace(from, to));
+            let e = f.err();
+            assert!(
+                e.contains("syncd.toml") && e.contains(want),
+                "{e} should contain {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_and_overlapping_paths_are_rejected() {
+        let f = Files::new(NODE)
+            .dir("a.toml", WWW)
+            .dir("b.toml", &WWW.replace("/srv/www", "/srv/other"));
+        let e = f.err();
+        assert!(
+            e.contains("b.toml:2: directory id \"www\" is already defined in")
+                && e.contains("a.toml"),
+            "{e}"
+        );
+        let f = Files::new(NODE).dir("a.toml", WWW).dir(
+            "b.toml",
+            &WWW.replace("\"www\"", "\"sub\"")
+                .replace("/srv/www", "/srv/www/sub"),
+        );
+        let e = f.err();
+        assert!(
+            e.contains("b.toml:3: path \"/srv/www/sub\" overlaps \"/srv/www\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let t = tempfile::tempdir().unwrap();
+        let e = Config::load(&t.path().join("syncd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("syncd.toml: cannot read"), "{e}");
+        // No dirs.d at all is fine: a node with no directories yet.
+        let f = Files::new(NODE);
+        std::fs::remove_dir(f.0.path().join(DIRS_D)).unwrap();
+        assert!(f.load().unwrap().dirs.is_empty());
+    }
+}
