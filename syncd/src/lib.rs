@@ -8,6 +8,9 @@
 //!   once, errors with file and line (`syncd check-config`).
 //! - [`index`]: `syncd index DIR`, one scan of a directory into a local
 //!   index, with a human or JSON report.
+//! - [`materialize`]: applies a manifest diff to a synced root: atomic
+//!   writes, every chunk verified, confined to the root by the kernel.
 
 pub mod config;
 pub mod index;
+pub mod materialize;

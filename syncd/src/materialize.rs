@@ -1,0 +1,420 @@
+//! Materialize: turn a manifest diff into files on disk, atomically and
+//! confined to the synced root.
+//!
+//! For every file, one durability recipe: write a temp file in the same
+//! directory, verify every chunk's BLAKE3 before writing it, set mode and
+//! mtime, fsync, rename over the target, fsync the directory. Readers see
+//! the old file or the new one, never a mix; a crash leaves at most a temp
+//! file (named `.syncd-tmp.*`, removed by the next run in that directory).
+//!
+//! **Confinement is the kernel's job, not string checks.** The root is
+//! opened once as a directory handle (cap-std); each parent directory on a
+//! path is opened from its parent with `O_NOFOLLOW` semantics
+//! (`open_dir_nofollow`), and every create, rename and delete then names a
+//! single component inside that handle. A symlink anywhere on the path, or
+//! a `..`, cannot lead a write outside the root: the open fails and the
+//! path is reported. Names are also re-validated here, as defence in depth.
+//!
+//! Order: directories first (parents before children), then files and
+//! symlinks, then directory modes, and deletions last, once the new content
+//! is in place (children before parents). A type change (file ↔ directory)
+//! removes the old entry just before creating the new one.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cap_fs_ext::DirExt;
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions};
+use chunk_store::Hash;
+use chunk_store::manifest::{self, ChangeKind, ChunkEntry, Diff, EntryMeta, Mtime, NodeSource};
+use chunk_store::store::Store;
+
+const TMP_PREFIX: &str = ".syncd-tmp.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("refusing path {path:?}: {reason}")]
+    PathRejected { path: String, reason: String },
+    #[error("refusing to write {path:?}: a parent is a symlink or not a directory ({source})")]
+    ThroughSymlink { path: String, source: io::Error },
+    #[error("chunk {hash} of {path:?} is not available from any source")]
+    ChunkUnavailable { hash: Hash, path: String },
+    #[error(transparent)]
+    Store(#[from] chunk_store::Error),
+}
+
+type Result<T> = std::result::Result<T, MaterializeError>;
+
+/// Where chunk bytes come from. Implementations need not verify: the
+/// materializer hashes every chunk before writing it and tries the next
+/// source on a mismatch.
+pub trait ChunkSource {
+    /// The bytes of `chunk`, or `None` if this source does not have it.
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>>;
+}
+
+/// Chunks already on this node, read from the files the index says hold
+/// them. Stale locations (a file changed since it was indexed) simply fail
+/// verification and the next source is asked.
+#[derive(Debug)]
+pub struct LocalChunks<'a> {
+    pub store: &'a Store,
+    /// Synced roots by directory id, to resolve locations.
+    pub roots: Vec<(String, PathBuf)>,
+}
+
+impl ChunkSource for LocalChunks<'_> {
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let locations = self
+            .store
+            .chunk_locations(&chunk.hash)
+            .map_err(io::Error::other)?;
+        for loc in locations {
+            let Some((_, root)) = self.roots.iter().find(|(id, _)| *id == loc.dir) else {
+                continue;
+            };
+            let Ok(file) = std::fs::File::open(root.join(&loc.path)) else {
+                continue;
+            };
+            let mut buf = vec![0u8; chunk.len as usize];
+            if file.read_exact_at(&mut buf, loc.offset).is_ok() && Hash::of(&buf) == chunk.hash {
+                return Ok(Some(buf));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub dirs_created: u64,
+    pub symlinks_created: u64,
+    pub removed: u64,
+    /// Chunks that failed BLAKE3 verification (from any source).
+    pub corrupt_chunks: u64,
+}
+
+/// Applies `diff` (local → remote) under `root`. `remote` supplies the
+/// recipes of new files; `sources` are asked for each chunk in order.
+pub fn apply(
+    root: &Path,
+    diff: &Diff,
+    remote: &dyn NodeSource,
+    sources: &[&dyn ChunkSource],
+) -> Result<Report> {
+    let io_err = |source| MaterializeError::Io {
+        path: root.to_path_buf(),
+        source,
+    };
+    let top = Dir::open_ambient_dir(root, ambient_authority()).map_err(io_err)?;
+    let mut report = Report::default();
+    let mut cleaned: HashSet<String> = HashSet::new();
+
+    // Directories, then files and symlinks (changes are sorted by path, so
+    // parents come before children).
+    for c in &diff.changes {
+        if c.kind == ChangeKind::Removed {
+            continue;
+        }
+        let remote_meta = c
+            .remote
+            .as_ref()
+            .expect("added or modified has a remote side");
+        let (parent, name) = open_parent(&top, &c.path)?;
+        if !cleaned.contains(parent_of(&c.path)) {
+            remove_stale_temps(&parent);
+            cleaned.insert(parent_of(&c.path).to_string());
+        }
+        match remote_meta {
+            EntryMeta::Dir { mode, .. } => {
+                if c.kind == ChangeKind::Added {
+                    clear_other_type(&parent, name, &c.path, true)?;
+                    match parent.create_dir(name) {
+                        Ok(()) => report.dirs_created += 1,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(path_io(&c.path, e)),
+                    }
+                }
+                let sub = parent.open_dir_nofollow(name).map_err(|source| {
+                    MaterializeError::ThroughSymlink {
+                        path: c.path.clone(),
+                        source,
+                    }
+                })?;
+                // Directory handles are O_PATH; fchmod needs a real fd.
+                sub.open(".")
+                    .and_then(|d| {
+                        d.into_std()
+                            .set_permissions(std::fs::Permissions::from_mode(*mode))
+                    })
+                    .map_err(|e| path_io(&c.path, e))?;
+            }
+            EntryMeta::File {
+                mode,
+                size,
+                mtime,
+                recipe,
+            } => {
+                let chunks = manifest::read_recipe(remote, recipe)?;
+                clear_other_type(&parent, name, &c.path, false)?;
+                let written = write_file(
+                    &parent,
+                    name,
+                    &c.path,
+                    &chunks,
+                    *size,
+                    *mode,
+                    *mtime,
+                    sources,
+                    &mut report,
+                )?;
+                report.files_written += 1;
+                report.bytes_written += written;
+            }
+            EntryMeta::Symlink { target } => {
+                clear_other_type(&parent, name, &c.path, false)?;
+                let tmp = temp_name(name);
+                parent
+                    .symlink_contents(target, &tmp)
+                    .map_err(|e| path_io(&c.path, e))?;
+                parent
+                    .rename(&tmp, &parent, name)
+                    .map_err(|e| path_io(&c.path, e))?;
+                sync_dir(&parent, &c.path)?;
+                report.symlinks_created += 1;
+            }
+        }
+    }
+
+    // Deletions last, deepest first. A type change lists the old entry as
+    // removed and the new one as added at the same path; the old entry and
+    // everything under it went when the new one was created.
+    let replaced: HashSet<&str> = diff
+        .changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Added)
+        .map(|c| c.path.as_str())
+        .collect();
+    for c in diff.changes.iter().rev() {
+        if c.kind != ChangeKind::Removed {
+            continue;
+        }
+        let mut p = c.path.as_str();
+        let under_replaced = loop {
+            if replaced.contains(p) {
+                break true;
+            }
+            match p.rsplit_once('/') {
+                Some((up, _)) => p = up,
+                None => break false,
+            }
+        };
+        if under_replaced {
+            continue;
+        }
+        let (parent, name) = match open_parent(&top, &c.path) {
+            Ok(p) => p,
+            // The parent was removed or replaced already: nothing to do.
+            Err(MaterializeError::ThroughSymlink { source, .. })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let res = match c.local {
+            Some(EntryMeta::Dir { .. }) => parent.remove_dir(name),
+            _ => parent.remove_file(name),
+        };
+        match res {
+            Ok(()) => report.removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(path_io(&c.path, e)),
+        }
+        sync_dir(&parent, &c.path)?;
+    }
+    Ok(report)
+}
+
+fn path_io(path: &str, source: io::Error) -> MaterializeError {
+    MaterializeError::Io {
+        path: PathBuf::from(path),
+        source,
+    }
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+/// Opens the directory holding `path`, one component at a time without
+/// following symlinks, and returns it with the final name.
+fn open_parent<'p>(top: &Dir, path: &'p str) -> Result<(Dir, &'p str)> {
+    let reject = |reason: String| MaterializeError::PathRejected {
+        path: path.to_string(),
+        reason,
+    };
+    if path.is_empty() || path.starts_with('/') || path.len() > manifest::MAX_PATH_LEN {
+        return Err(reject("empty, absolute or too long".into()));
+    }
+    let mut parts: Vec<&str> = path.split('/').collect();
+    let name = parts.pop().expect("split yields at least one part");
+    for part in parts.iter().chain([&name]) {
+        manifest::validate_name(part).map_err(reject)?;
+    }
+    let mut dir = top.try_clone().map_err(|e| path_io(path, e))?;
+    for part in parts {
+        dir = dir
+            .open_dir_nofollow(part)
+            .map_err(|source| MaterializeError::ThroughSymlink {
+                path: path.to_string(),
+                source,
+            })?;
+    }
+    Ok((dir, name))
+}
+
+/// Removes what stands at `name` if it is of the other kind (a directory
+/// where a file goes, or anything but a directory where one goes).
+fn clear_other_type(parent: &Dir, name: &str, path: &str, want_dir: bool) -> Result<()> {
+    let meta = match parent.symlink_metadata(name) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(path_io(path, e)),
+    };
+    let is_dir = meta.is_dir();
+    if is_dir && !want_dir {
+        // remove_dir_all works beneath the handle and does not follow
+        // symlinks inside the tree it removes.
+        parent.remove_dir_all(name).map_err(|e| path_io(path, e))?;
+    } else if !is_dir && want_dir {
+        parent.remove_file(name).map_err(|e| path_io(path, e))?;
+    }
+    Ok(())
+}
+
+fn temp_name(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    // Keep within NAME_MAX whatever the target's length.
+    let short: String = name.chars().take(64).collect();
+    format!("{TMP_PREFIX}{}.{n}.{short}", std::process::id())
+}
+
+/// Temp files left by a crash in this directory.
+fn remove_stale_temps(dir: &Dir) {
+    let Ok(entries) = dir.entries() else { return };
+    for e in entries.flatten() {
+        if let Ok(name) = e.file_name().into_string()
+            && name.starts_with(TMP_PREFIX)
+        {
+            let _ = dir.remove_file(&name);
+        }
+    }
+}
+
+fn sync_dir(dir: &Dir, path: &str) -> Result<()> {
+    // cap-std directory handles are O_PATH, which fsync refuses (EBADF);
+    // open the directory itself read-only to sync it.
+    dir.open(".")
+        .and_then(|d| d.into_std().sync_all())
+        .map_err(|e| path_io(parent_of(path), e))
+}
+
+fn system_time(m: Mtime) -> SystemTime {
+    let nanos = Duration::new(0, m.nanos);
+    if m.secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(m.secs as u64) + nanos
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(m.secs.unsigned_abs()) + nanos
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_file(
+    parent: &Dir,
+    name: &str,
+    path: &str,
+    chunks: &[ChunkEntry],
+    size: u64,
+    mode: u32,
+    mtime: Mtime,
+    sources: &[&dyn ChunkSource],
+    report: &mut Report,
+) -> Result<u64> {
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    if total != size {
+        return Err(MaterializeError::PathRejected {
+            path: path.to_string(),
+            reason: format!("recipe covers {total} bytes but the entry says {size}"),
+        });
+    }
+    let tmp = temp_name(name);
+    let file = parent
+        .open_with(&tmp, OpenOptions::new().write(true).create_new(true))
+        .map_err(|e| path_io(path, e))?;
+    let mut file = file.into_std();
+    let result = (|| {
+        let mut out = io::BufWriter::with_capacity(1 << 20, &mut file);
+        for c in chunks {
+            let bytes = fetch_verified(c, path, sources, report)?;
+            out.write_all(&bytes).map_err(|e| path_io(path, e))?;
+        }
+        out.flush().map_err(|e| path_io(path, e))?;
+        drop(out);
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| path_io(path, e))?;
+        file.set_times(std::fs::FileTimes::new().set_modified(system_time(mtime)))
+            .map_err(|e| path_io(path, e))?;
+        // Data and metadata on disk before the rename makes them visible.
+        file.sync_all().map_err(|e| path_io(path, e))?;
+        parent
+            .rename(&tmp, parent, name)
+            .map_err(|e| path_io(path, e))?;
+        // The rename itself on disk.
+        sync_dir(parent, path)
+    })();
+    if result.is_err() {
+        let _ = parent.remove_file(&tmp);
+    }
+    result.map(|()| total)
+}
+
+fn fetch_verified(
+    c: &ChunkEntry,
+    path: &str,
+    sources: &[&dyn ChunkSource],
+    report: &mut Report,
+) -> Result<Vec<u8>> {
+    for s in sources {
+        match s.read_chunk(c) {
+            Ok(Some(bytes)) if bytes.len() == c.len as usize && Hash::of(&bytes) == c.hash => {
+                return Ok(bytes);
+            }
+            Ok(Some(_)) => {
+                report.corrupt_chunks += 1;
+                tracing::warn!(chunk = %c.hash, path, "chunk failed BLAKE3 verification; trying the next source");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(chunk = %c.hash, path, error = %e, "chunk source failed"),
+        }
+    }
+    Err(MaterializeError::ChunkUnavailable {
+        hash: c.hash,
+        path: path.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

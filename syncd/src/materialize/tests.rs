@@ -1,0 +1,272 @@
+use std::cell::Cell;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, symlink};
+
+use chunk_store::ChunkerConfig;
+use chunk_store::indexer::scan;
+use chunk_store::testdata::pseudo_random;
+
+use super::*;
+
+struct Side {
+    root: PathBuf,
+    store: Store,
+}
+
+fn side(tmp: &Path, name: &str) -> Side {
+    let root = tmp.join(name);
+    fs::create_dir_all(&root).unwrap();
+    let store = Store::open(&tmp.join(format!("{name}-state")), ChunkerConfig::default()).unwrap();
+    Side { root, store }
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, data).unwrap();
+}
+
+/// Counts what a source served, to prove local reuse.
+struct Counting<'a> {
+    inner: &'a dyn ChunkSource,
+    bytes: Cell<u64>,
+}
+
+impl ChunkSource for Counting<'_> {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+        let r = self.inner.read_chunk(c)?;
+        if let Some(b) = &r {
+            self.bytes.set(self.bytes.get() + b.len() as u64);
+        }
+        Ok(r)
+    }
+}
+
+fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
+    let s = scan(&src.store, "www", &src.root).unwrap();
+    let d = scan(&dst.store, "www", &dst.root).unwrap();
+    let diff = manifest::diff(
+        &dst.store,
+        Some(d.root),
+        &src.store,
+        Some(s.root),
+        &mut |h| dst.store.has_chunk(h),
+    )
+    .unwrap();
+    let local = LocalChunks {
+        store: &dst.store,
+        roots: vec![("www".into(), dst.root.clone())],
+    };
+    let remote = LocalChunks {
+        store: &src.store,
+        roots: vec![("www".into(), src.root.clone())],
+    };
+    let local = Counting {
+        inner: &local,
+        bytes: Cell::new(0),
+    };
+    let remote = Counting {
+        inner: &remote,
+        bytes: Cell::new(0),
+    };
+    let report = apply(&dst.root, &diff, &src.store, &[&local, &remote]).unwrap();
+    let after = scan(&dst.store, "www", &dst.root).unwrap();
+    assert_eq!(
+        after.root, s.root,
+        "replica root differs from source root after apply"
+    );
+    (report, local.bytes.get(), remote.bytes.get())
+}
+
+fn assert_same_tree(a: &Path, b: &Path) {
+    let list = |root: &Path| {
+        let mut v = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let m = e.path().symlink_metadata().unwrap();
+                let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
+                if m.is_dir() {
+                    stack.push(e.path());
+                    v.push((rel, m.mode(), None, None));
+                } else if m.file_type().is_symlink() {
+                    v.push((rel, 0, Some(fs::read_link(e.path()).unwrap()), None));
+                } else {
+                    v.push((
+                        rel,
+                        m.mode(),
+                        None,
+                        Some((fs::read(e.path()).unwrap(), m.mtime(), m.mtime_nsec())),
+                    ));
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    assert!(list(a) == list(b), "trees differ");
+}
+
+#[test]
+fn replica_converges_to_source_reusing_local_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    let big = pseudo_random(3 << 20, 5);
+    for s in [&src, &dst] {
+        write(&s.root, "keep.txt", b"same on both");
+        write(&s.root, "big.bin", &big);
+    }
+    // Source: new files of interesting sizes, nesting, a symlink, an empty
+    // dir, a mode change, and a big file renamed.
+    for (i, len) in [0usize, 1, 16383, 65536, 262145].iter().enumerate() {
+        write(
+            &src.root,
+            &format!("a/b/f{i}"),
+            &pseudo_random(*len, i as u64 + 10),
+        );
+    }
+    fs::rename(src.root.join("big.bin"), src.root.join("a/moved.bin")).unwrap();
+    symlink("../keep.txt", src.root.join("a/link")).unwrap();
+    fs::create_dir_all(src.root.join("empty/dir")).unwrap();
+    fs::set_permissions(src.root.join("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    // Replica: things the source does not have, and a type change.
+    write(&dst.root, "old/stale.txt", b"to be removed");
+    write(
+        &dst.root,
+        "a/b/f1/nested",
+        b"a dir where the source has a file",
+    );
+    write(&src.root, "empty-file-then-dir", b"");
+    fs::create_dir_all(dst.root.join("empty-file-then-dir/x")).unwrap();
+
+    let (report, local, remote) = sync(&src, &dst);
+    assert_same_tree(&src.root, &dst.root);
+    assert!(report.files_written >= 6, "{report:?}");
+    assert!(report.removed >= 2, "{report:?}");
+    // The moved 3 MiB file came from the replica's own old copy.
+    assert!(local >= big.len() as u64, "local {local}");
+    assert!(remote < 600_000, "remote served {remote} bytes");
+    // No temp files left behind.
+    let leftovers = fs::read_dir(dst.root.join("a"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+        .count();
+    assert_eq!(leftovers, 0);
+
+    // A second round with a 1-byte insert in the middle of a large file
+    // fetches only the chunks around it.
+    let mut data = fs::read(src.root.join("a/moved.bin")).unwrap();
+    data.insert(data.len() / 2, 7);
+    fs::write(src.root.join("a/moved.bin"), &data).unwrap();
+    let (_, _, remote) = sync(&src, &dst);
+    assert!(remote <= 512 << 10, "1-byte insert cost {remote} bytes");
+    assert_same_tree(&src.root, &dst.root);
+}
+
+#[test]
+fn writes_never_go_through_a_symlink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    write(&src.root, "sub/x", b"payload");
+    fs::create_dir(dst.root.join("sub")).unwrap();
+    let s = scan(&src.store, "www", &src.root).unwrap();
+    let d = scan(&dst.store, "www", &dst.root).unwrap();
+    // Between the scan and the write, `sub` becomes a symlink out of the root.
+    fs::remove_dir(dst.root.join("sub")).unwrap();
+    symlink(&outside, dst.root.join("sub")).unwrap();
+    let diff = manifest::diff(
+        &dst.store,
+        Some(d.root),
+        &src.store,
+        Some(s.root),
+        &mut |_| Ok(false),
+    )
+    .unwrap();
+    let remote = LocalChunks {
+        store: &src.store,
+        roots: vec![("www".into(), src.root.clone())],
+    };
+    let err = apply(&dst.root, &diff, &src.store, &[&remote]).unwrap_err();
+    assert!(
+        matches!(err, MaterializeError::ThroughSymlink { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("sub/x"), "{err}");
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote outside the root"
+    );
+}
+
+struct Fixed(Vec<u8>);
+impl ChunkSource for Fixed {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+        Ok(Some(
+            self.0
+                .iter()
+                .copied()
+                .cycle()
+                .take(c.len as usize)
+                .collect(),
+        ))
+    }
+}
+
+#[test]
+fn corrupt_chunks_are_never_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    write(&src.root, "f", &pseudo_random(200_000, 3));
+    write(&dst.root, "f", b"old content");
+    let s = scan(&src.store, "www", &src.root).unwrap();
+    let d = scan(&dst.store, "www", &dst.root).unwrap();
+    let diff = manifest::diff(
+        &dst.store,
+        Some(d.root),
+        &src.store,
+        Some(s.root),
+        &mut |_| Ok(false),
+    )
+    .unwrap();
+    let liar = Fixed(b"garbage".to_vec());
+    // Only a lying source: the old file stays, no temp file remains.
+    let err = apply(&dst.root, &diff, &src.store, &[&liar]).unwrap_err();
+    assert!(
+        matches!(err, MaterializeError::ChunkUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(fs::read(dst.root.join("f")).unwrap(), b"old content");
+    assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 1);
+    // A lying source first, an honest one second: correct bytes, lies counted.
+    let honest = LocalChunks {
+        store: &src.store,
+        roots: vec![("www".into(), src.root.clone())],
+    };
+    let report = apply(&dst.root, &diff, &src.store, &[&liar, &honest]).unwrap();
+    assert!(report.corrupt_chunks >= 1);
+    assert_eq!(
+        fs::read(dst.root.join("f")).unwrap(),
+        fs::read(src.root.join("f")).unwrap()
+    );
+}
+
+#[test]
+fn bad_paths_are_rejected_before_any_io() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = Dir::open_ambient_dir(tmp.path(), ambient_authority()).unwrap();
+    for p in ["../x", "/etc/passwd", "a//b", "a/../../x", "", "a/./b"] {
+        let err = open_parent(&top, p).err().unwrap();
+        assert!(
+            matches!(err, MaterializeError::PathRejected { .. }),
+            "{p}: {err}"
+        );
+    }
+}
