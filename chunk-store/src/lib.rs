@@ -41,5 +41,5 @@ pub mod store;
 pub mod testdata;
 
 pub use chunker::{ChunkRef, ChunkerConfig};
-pub use error::Error;
+pub use error::{Error, Origin};
 pub use hash::Hash;

@@ -1,6 +1,8 @@
-//! The syncd wire contract: `.proto` files and the tonic/prost code generated
-//! from them at build time (protox, no system `protoc`).
-//!
-//! The services (membership gossip, manifest-node fetch, chunk transfer, and
-//! the admin service for `syncctl`) are defined with the daemon (issue 3).
-//! This crate knows nothing of the daemon; the daemon depends on it.
+//! The syncd wire contract: `proto/syncd.proto` and the tonic/prost code
+//! generated from it at build time (protox, no system `protoc`).
+//! Semantics and limits: `PROTOCOL.md` at the repository root.
+
+#[allow(clippy::all, missing_debug_implementations)]
+pub mod pb {
+    tonic::include_proto!("syncd.v1");
+}

@@ -31,6 +31,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the daemon: sync every directory in dirs.d with the fleet.
+    Run {
+        #[arg(long, default_value = syncd::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Validate syncd.toml and every dirs.d/*.toml beside it without
     /// starting; exits non-zero naming the file and line of the first error.
     CheckConfig {
@@ -45,6 +50,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: under systemd or in a log file the
+        // escape codes would end up in the journal and break grep.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,6 +72,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", syncd::index::to_text(&report));
             }
+        }
+        Command::Run { config } => {
+            let config = syncd::config::Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(syncd::node::run(config, shutdown_signal()))?;
+            // Blocking work (a scan, a file being written) gets a bounded
+            // grace period; everything it does is atomic anyway.
+            rt.shutdown_timeout(std::time::Duration::from_secs(10));
         }
         Command::CheckConfig { config } => {
             let c = syncd::config::Config::load(&config)?;
@@ -86,4 +104,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -1,0 +1,556 @@
+//! The running node: what it holds, whom it knows, and the loops that keep
+//! its directories in step with the fleet (`syncd run`).
+//!
+//! ```text
+//!  watcher/rescan ──> scan (source) ──> new version ──> push Exchange to peers
+//!  Exchange from peers ──> learn holdings ──> replica loop: diff against the
+//!     peer with the newest version ──> materialize ──> rescan ──> advertise
+//! ```
+//!
+//! Membership is learned from the bootstrap peers' Exchange answers (each
+//! lists the members it knows); a peer whose calls keep failing is skipped
+//! until it answers again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chunk_store::indexer;
+use chunk_store::manifest;
+use chunk_store::store::Store;
+use chunk_store::{ChunkerConfig, Hash};
+use sync_proto::pb;
+use tokio::sync::Notify;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{Config, Mode};
+use crate::materialize::{self, ChunkSource, LocalChunks};
+use crate::peer::{MAX_MESSAGE_BYTES, PeerService, RemoteChunks, RemotePeer};
+
+/// How often holdings are exchanged with every known peer (a change is also
+/// pushed at once).
+const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
+/// A peer call that takes longer is a failure.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// After this many failed exchanges in a row a peer is not used as a source.
+const DEAD_AFTER: u32 = 3;
+/// Replica loops look for newer versions at least this often.
+const REPLICA_TICK: Duration = Duration::from_secs(1);
+/// Debounce of file system events before a rescan.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// One synced directory on this node.
+#[derive(Debug)]
+pub struct DirState {
+    pub id: String,
+    pub path: PathBuf,
+    pub mode: Mode,
+    pub rescan_interval: Duration,
+    /// The version this node holds and advertises.
+    pub current: Mutex<Option<pb::DirVersion>>,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    address: String,
+    holdings: HashMap<String, pb::DirVersion>,
+    failures: u32,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub store: Arc<Store>,
+    pub dirs: BTreeMap<String, Arc<DirState>>,
+    bootstrap: Vec<String>,
+    peers: Mutex<HashMap<String, PeerState>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Scans, syncs and garbage collection never overlap: a sweep must not
+    /// see nodes another scan wrote but has not yet referenced.
+    pub index_lock: Mutex<()>,
+    /// Something changed locally: push holdings now.
+    published: Notify,
+    /// A peer announced something: replica loops look now.
+    learned: Notify,
+}
+
+impl Node {
+    /// Directory roots by id, to resolve chunk locations.
+    pub fn roots(&self) -> Vec<(String, PathBuf)> {
+        self.dirs
+            .values()
+            .map(|d| (d.id.clone(), d.path.clone()))
+            .collect()
+    }
+
+    fn member(&self) -> pb::Member {
+        pb::Member {
+            node_id: self.id.clone(),
+            address: self.address.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+        }
+    }
+
+    /// What this node tells peers.
+    pub fn holdings(&self) -> pb::Holdings {
+        let peers = self.peers.lock().unwrap();
+        pb::Holdings {
+            from: Some(self.member()),
+            dirs: self
+                .dirs
+                .values()
+                .filter_map(|d| d.current.lock().unwrap().clone())
+                .collect(),
+            members: peers
+                .iter()
+                .filter(|(_, p)| p.failures < DEAD_AFTER)
+                .map(|(id, p)| pb::Member {
+                    node_id: id.clone(),
+                    address: p.address.clone(),
+                    labels: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes in a peer's holdings (validated) and the members it knows.
+    pub fn learn(&self, h: pb::Holdings) -> Result<(), Status> {
+        let from = h
+            .from
+            .ok_or_else(|| Status::invalid_argument("holdings without sender"))?;
+        check_member(&from)?;
+        if from.node_id == self.id {
+            return Ok(());
+        }
+        let mut holdings = HashMap::new();
+        for d in h.dirs {
+            if d.root.len() != 32
+                || d.dir.is_empty()
+                || d.dir.len() > 128
+                || d.publisher.len() > 128
+            {
+                return Err(Status::invalid_argument(format!(
+                    "malformed holding for {:?}",
+                    d.dir
+                )));
+            }
+            holdings.insert(d.dir.clone(), d);
+        }
+        let mut peers = self.peers.lock().unwrap();
+        peers.insert(
+            from.node_id.clone(),
+            PeerState {
+                address: from.address,
+                holdings,
+                failures: 0,
+            },
+        );
+        for m in h.members {
+            if m.node_id != self.id && check_member(&m).is_ok() {
+                peers.entry(m.node_id).or_insert(PeerState {
+                    address: m.address,
+                    holdings: HashMap::new(),
+                    failures: 0,
+                });
+            }
+        }
+        drop(peers);
+        self.learned.notify_waiters();
+        Ok(())
+    }
+
+    fn channel(&self, address: &str) -> anyhow::Result<Channel> {
+        let mut channels = self.channels.lock().unwrap();
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{address}"))
+            .with_context(|| format!("peer address {address:?}"))?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(Duration::from_secs(60))
+            // Windows sized so one stream can fill a fast link.
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .connect_lazy();
+        channels.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The newest version of `dir` among live peers, newer than ours, with
+    /// every live peer that holds it.
+    fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<(String, String)>)> {
+        let ours = self.dirs[dir]
+            .current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |v| v.version);
+        let peers = self.peers.lock().unwrap();
+        let best = peers
+            .values()
+            .filter(|p| p.failures < DEAD_AFTER)
+            .filter_map(|p| p.holdings.get(dir))
+            .filter(|v| v.version > ours)
+            .max_by_key(|v| v.version)?
+            .clone();
+        let holders = peers
+            .iter()
+            .filter(|(_, p)| p.failures < DEAD_AFTER)
+            .filter(|(_, p)| {
+                p.holdings
+                    .get(dir)
+                    .is_some_and(|v| v.version == best.version && v.root == best.root)
+            })
+            .map(|(id, p)| (id.clone(), p.address.clone()))
+            .collect();
+        Some((best, holders))
+    }
+
+    /// One exchange with every known peer and bootstrap address.
+    async fn gossip_round(self: &Arc<Self>) {
+        let mut targets: Vec<(Option<String>, String)> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, p)| (Some(id.clone()), p.address.clone()))
+            .collect();
+        for b in &self.bootstrap {
+            if !targets.iter().any(|(_, a)| a == b) {
+                targets.push((None, b.clone()));
+            }
+        }
+        let mine = self.holdings();
+        let mut calls = tokio::task::JoinSet::new();
+        for (id, address) in targets {
+            let node = self.clone();
+            let req = mine.clone();
+            calls.spawn(async move {
+                let result = async {
+                    let mut client = pb::peer_client::PeerClient::new(node.channel(&address)?)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+                    let resp = tokio::time::timeout(CALL_TIMEOUT, client.exchange(req)).await??;
+                    anyhow::Ok(resp.into_inner())
+                }
+                .await;
+                match result {
+                    Ok(h) => {
+                        if let Err(e) = node.learn(h) {
+                            tracing::warn!(peer = %address, error = %e, "peer sent invalid holdings");
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(id) = id
+                            && let Some(p) = node.peers.lock().unwrap().get_mut(&id)
+                        {
+                            p.failures += 1;
+                            if p.failures == DEAD_AFTER {
+                                tracing::warn!(peer = %id, address = %address, error = %e, "peer unreachable; not used as a source until it answers");
+                            }
+                        }
+                        tracing::debug!(peer = %address, error = %e, "exchange failed");
+                    }
+                }
+            });
+        }
+        while calls.join_next().await.is_some() {}
+    }
+}
+
+fn check_member(m: &pb::Member) -> Result<(), Status> {
+    let id_ok = !m.node_id.is_empty()
+        && m.node_id.len() <= 128
+        && m.node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let addr_ok = m.address.len() <= 256
+        && m.address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if id_ok && addr_ok && m.labels.len() <= 8 {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "malformed member {:?} at {:?}",
+            m.node_id, m.address
+        )))
+    }
+}
+
+/// Scans one directory and records the version this node now holds.
+/// Sources publish a new version when the root changes; replicas only
+/// report local edits.
+fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
+    let _guard = node.index_lock.lock().unwrap();
+    let report = indexer::scan(&node.store, &dir.id, &dir.path)
+        .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
+    let mut current = dir.current.lock().unwrap();
+    match dir.mode {
+        Mode::Source => {
+            let changed =
+                current.as_ref().map(|v| v.root.as_slice()) != Some(report.root.as_bytes());
+            if changed {
+                tracing::info!(dir = %dir.id, version = report.version, root = %report.root, files = report.files, "publishing new version");
+                *current = Some(pb::DirVersion {
+                    dir: dir.id.clone(),
+                    version: report.version,
+                    root: report.root.as_bytes().to_vec(),
+                    publisher: node.id.clone(),
+                });
+            }
+            Ok(changed)
+        }
+        Mode::Replica | Mode::TwoWay => {
+            if let Some(v) = current.as_ref()
+                && v.root != report.root.as_bytes()
+            {
+                tracing::warn!(dir = %dir.id, path = %dir.path.display(), holds = v.version, "local edits on a replica: its content differs from the version it received");
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Brings a replica to `version` from the peers that hold it.
+fn pull(
+    node: &Node,
+    dir: &DirState,
+    version: &pb::DirVersion,
+    holders: &[(String, String)],
+    rt: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    let _guard = node.index_lock.lock().unwrap();
+    let started = std::time::Instant::now();
+    let remote_root = Hash::from_slice(&version.root).context("root of 32 bytes")?;
+    let local = indexer::scan(&node.store, &dir.id, &dir.path)
+        .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
+    let peers: Vec<RemotePeer> = holders
+        .iter()
+        .map(|(id, addr)| Ok(RemotePeer::new(id.clone(), node.channel(addr)?, rt.clone())))
+        .collect::<anyhow::Result<_>>()?;
+    let first = peers.first().context("no peer holds the version")?;
+    let store = &node.store;
+    let diff = manifest::diff(
+        &**store,
+        Some(local.root),
+        first,
+        Some(remote_root),
+        &mut |h| store.has_chunk(h),
+    )
+    .with_context(|| format!("diff of {:?} against peer {}", dir.id, first.id))?;
+    let diffed = started.elapsed();
+    let local_chunks = LocalChunks {
+        store,
+        roots: node.roots(),
+    };
+    let remotes: Vec<RemoteChunks<'_>> = peers
+        .iter()
+        .map(|p| RemoteChunks {
+            peer: p,
+            dir: dir.id.clone(),
+            order: diff.missing_chunks.clone(),
+            cache: Default::default(),
+            received: Default::default(),
+        })
+        .collect();
+    let mut sources: Vec<&dyn ChunkSource> = vec![&local_chunks];
+    sources.extend(remotes.iter().map(|r| r as &dyn ChunkSource));
+    let report = materialize::apply(&dir.path, &diff, first, &sources)
+        .with_context(|| format!("materializing {:?} version {}", dir.id, version.version))?;
+    let applied = started.elapsed();
+    let after = indexer::scan(store, &dir.id, &dir.path)?;
+    anyhow::ensure!(
+        after.root == remote_root,
+        "after applying version {} of {:?} the root is {}, expected {}",
+        version.version,
+        dir.id,
+        after.root,
+        remote_root
+    );
+    let received: u64 = remotes
+        .iter()
+        .map(|r| r.received.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    tracing::info!(
+        dir = %dir.id,
+        version = version.version,
+        files = report.files_written,
+        bytes = report.bytes_written,
+        removed = report.removed,
+        received_bytes = received,
+        nodes_visited = diff.nodes_visited,
+        diff_s = diffed.as_secs_f64(),
+        apply_s = (applied - diffed).as_secs_f64(),
+        total_s = started.elapsed().as_secs_f64(),
+        "applied version"
+    );
+    *dir.current.lock().unwrap() = Some(version.clone());
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let n = &config.node.node;
+    let state_dir = n.state_dir.get_ref().clone();
+    let store = Arc::new(
+        Store::open(&state_dir.join("index"), ChunkerConfig::default())
+            .with_context(|| format!("opening the index in {}", state_dir.display()))?,
+    );
+    let dirs = config
+        .dirs
+        .iter()
+        .map(|(id, (_, d))| {
+            (
+                id.clone(),
+                Arc::new(DirState {
+                    id: id.clone(),
+                    path: d.path.get_ref().clone(),
+                    mode: *d.mode.get_ref(),
+                    rescan_interval: d.rescan_interval,
+                    current: Mutex::new(None),
+                }),
+            )
+        })
+        .collect();
+    let node = Arc::new(Node {
+        id: n.id.get_ref().clone(),
+        address: config.listen.to_string(),
+        labels: n.labels.get_ref().clone(),
+        store,
+        dirs,
+        bootstrap: n.peers.get_ref().clone(),
+        peers: Mutex::new(HashMap::new()),
+        channels: Mutex::new(HashMap::new()),
+        index_lock: Mutex::new(()),
+        published: Notify::new(),
+        learned: Notify::new(),
+    });
+
+    // Replicas start from what they hold on disk: their last applied
+    // version is unknown after a restart, so they take whatever is newest.
+    for d in node.dirs.values() {
+        let (node2, d2) = (node.clone(), d.clone());
+        tokio::task::spawn_blocking(move || rescan(&node2, &d2)).await??;
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the peer service to {}", config.listen))?;
+    tracing::info!(node = %node.id, listen = %config.listen, dirs = node.dirs.len(), "syncd running");
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .add_service(
+            pb::peer_server::PeerServer::new(PeerService { node: node.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let node = node.clone();
+        tasks.spawn(async move {
+            loop {
+                node.gossip_round().await;
+                tokio::select! {
+                    _ = node.published.notified() => {}
+                    _ = tokio::time::sleep(GOSSIP_INTERVAL) => {}
+                }
+            }
+        });
+    }
+    for d in node.dirs.values() {
+        let (node, d) = (node.clone(), d.clone());
+        let rt = tokio::runtime::Handle::current();
+        tasks.spawn(async move { dir_loop(node, d, rt).await });
+    }
+    tokio::select! {
+        r = server => r.context("peer service failed")?,
+        _ = shutdown => tracing::info!("shutting down"),
+    }
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Watches one directory and keeps it current.
+async fn dir_loop(node: Arc<Node>, dir: Arc<DirState>, rt: tokio::runtime::Handle) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    // The notify callback must not block (the kernel queue would overflow):
+    // it only marks "something changed"; the rescan finds out what.
+    let watcher = notify_debouncer_full::new_debouncer(
+        DEBOUNCE,
+        None,
+        move |res: notify_debouncer_full::DebounceEventResult| {
+            let relevant = match &res {
+                Ok(events) => events
+                    .iter()
+                    .any(|e| !matches!(e.kind, notify::EventKind::Access(_))),
+                Err(_) => true, // errors (e.g. overflow) mean: rescan
+            };
+            if relevant {
+                let _ = tx.try_send(());
+            }
+        },
+    );
+    let _watcher = match watcher {
+        Ok(mut w) => match w.watch(&dir.path, notify::RecursiveMode::Recursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %dir.id, error = %e, "cannot watch; relying on periodic rescans (raise fs.inotify.max_user_watches?)");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(dir = %dir.id, error = %e, "cannot create a watcher; relying on periodic rescans");
+            None
+        }
+    };
+    let tick = if dir.mode == Mode::Source {
+        dir.rescan_interval
+    } else {
+        REPLICA_TICK.min(dir.rescan_interval)
+    };
+    let mut last_full = tokio::time::Instant::now();
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e.is_some(),
+            _ = node.learned.notified(), if dir.mode != Mode::Source => false,
+            _ = tokio::time::sleep(tick) => false,
+        };
+        if event || last_full.elapsed() >= dir.rescan_interval {
+            last_full = tokio::time::Instant::now();
+            let (n, d) = (node.clone(), dir.clone());
+            match tokio::task::spawn_blocking(move || rescan(&n, &d)).await {
+                Ok(Ok(true)) => node.published.notify_one(),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(dir = %dir.id, error = format!("{e:#}"), "rescan failed")
+                }
+                Err(e) => tracing::error!(dir = %dir.id, error = %e, "rescan panicked"),
+            }
+        }
+        if dir.mode == Mode::Source {
+            continue;
+        }
+        if let Some((version, holders)) = node.newest_elsewhere(&dir.id) {
+            let (n, d, rt2) = (node.clone(), dir.clone(), rt.clone());
+            let v = version.clone();
+            match tokio::task::spawn_blocking(move || pull(&n, &d, &v, &holders, &rt2)).await {
+                Ok(Ok(())) => node.published.notify_one(),
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %dir.id, version = version.version, error = format!("{e:#}"), "sync failed; will retry")
+                }
+                Err(e) => tracing::error!(dir = %dir.id, error = %e, "sync panicked"),
+            }
+        }
+    }
+}

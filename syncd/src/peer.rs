@@ -1,0 +1,283 @@
+//! The peer service: what this node answers (holdings, manifest nodes,
+//! chunk bytes) and the client side that reads a peer's manifest and chunks
+//! for the diff and the materializer.
+//!
+//! Every request from a peer is bounded before anything is allocated: ids
+//! per call, hash lengths, names, response sizes (see PROTOCOL.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chunk_store::manifest::{ChunkEntry, NodeSource};
+use chunk_store::{Error as StoreError, Hash};
+use sync_proto::pb;
+use sync_proto::pb::peer_client::PeerClient;
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::materialize::{ChunkSource, LocalChunks};
+use crate::node::Node;
+
+/// Most node ids or chunk hashes one request may name.
+pub const MAX_NODES_PER_CALL: usize = 256;
+pub const MAX_CHUNKS_PER_CALL: usize = 1024;
+/// A chunk batch on the wire stays under this (plus framing); chunks are
+/// at most 256 KiB with the default chunker.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Largest message either side decodes.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+/// Most directories and members one Holdings message may list.
+pub const MAX_HOLDINGS: usize = 4096;
+
+fn hash_of(b: &[u8]) -> Result<Hash, Status> {
+    Hash::from_slice(b)
+        .ok_or_else(|| Status::invalid_argument(format!("hash of {} bytes, expected 32", b.len())))
+}
+
+/// Maps storage errors to gRPC codes: a peer's fault is invalid input, ours
+/// is internal.
+pub fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::InvalidDirId { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::MissingNode { .. } => Status::not_found(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// The server half.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn exchange(&self, req: Request<pb::Holdings>) -> Result<Response<pb::Holdings>, Status> {
+        let h = req.into_inner();
+        if h.dirs.len() > MAX_HOLDINGS || h.members.len() > MAX_HOLDINGS {
+            return Err(Status::invalid_argument("too many directories or members"));
+        }
+        self.node.learn(h)?;
+        Ok(Response::new(self.node.holdings()))
+    }
+
+    async fn get_nodes(
+        &self,
+        req: Request<pb::GetNodesRequest>,
+    ) -> Result<Response<pb::GetNodesResponse>, Status> {
+        let ids = req.into_inner().ids;
+        if ids.len() > MAX_NODES_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "more than {MAX_NODES_PER_CALL} node ids"
+            )));
+        }
+        let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
+        let store = self.node.store.clone();
+        let nodes = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(ids.len());
+            let mut total = 0;
+            for id in ids {
+                let data = if total < MAX_MESSAGE_BYTES / 2 {
+                    store.get_node(&id)?.unwrap_or_default()
+                } else {
+                    Vec::new() // over budget: the caller asks again
+                };
+                total += data.len();
+                out.push(pb::NodeBlob {
+                    id: id.as_bytes().to_vec(),
+                    data: Bytes::from(data),
+                });
+            }
+            Ok::<_, StoreError>(out)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status_of)?;
+        Ok(Response::new(pb::GetNodesResponse { nodes }))
+    }
+
+    type GetChunksStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ChunkBatch, Status>>;
+
+    async fn get_chunks(
+        &self,
+        req: Request<pb::GetChunksRequest>,
+    ) -> Result<Response<Self::GetChunksStream>, Status> {
+        let r = req.into_inner();
+        if r.hashes.len() > MAX_CHUNKS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "more than {MAX_CHUNKS_PER_CALL} chunks"
+            )));
+        }
+        let hashes: Vec<Hash> = r
+            .hashes
+            .iter()
+            .map(|b| hash_of(b))
+            .collect::<Result<_, _>>()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || {
+            let local = LocalChunks {
+                store: &node.store,
+                roots: node.roots(),
+            };
+            let mut batch = pb::ChunkBatch::default();
+            let mut size = 0;
+            for h in hashes {
+                // Length is unknown to the server: read it from a location.
+                let len = node
+                    .store
+                    .chunk_locations(&h)
+                    .ok()
+                    .and_then(|l| l.first().map(|l| l.len));
+                let data = len
+                    .and_then(|len| {
+                        local
+                            .read_chunk(&ChunkEntry { hash: h, len })
+                            .ok()
+                            .flatten()
+                    })
+                    .unwrap_or_default();
+                size += data.len();
+                batch.chunks.push(pb::Chunk {
+                    hash: h.as_bytes().to_vec(),
+                    data: Bytes::from(data),
+                });
+                if size >= MAX_BATCH_BYTES / 2 {
+                    if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                        return;
+                    }
+                    size = 0;
+                }
+            }
+            if !batch.chunks.is_empty() {
+                let _ = tx.blocking_send(Ok(batch));
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+/// A connected peer, usable from blocking code (the diff and the
+/// materializer are synchronous and run on blocking threads).
+#[derive(Debug, Clone)]
+pub struct RemotePeer {
+    pub id: String,
+    client: PeerClient<Channel>,
+    rt: Handle,
+}
+
+impl RemotePeer {
+    pub fn new(id: String, channel: Channel, rt: Handle) -> RemotePeer {
+        let client = PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        RemotePeer { id, client, rt }
+    }
+
+    /// Fetches chunks by hash; returns those the peer had, verified.
+    pub fn fetch_chunks(&self, dir: &str, hashes: &[Hash]) -> Result<HashMap<Hash, Bytes>, Status> {
+        let mut client = self.client.clone();
+        let req = pb::GetChunksRequest {
+            dir: dir.to_string(),
+            hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
+        };
+        self.rt.block_on(async move {
+            let mut stream = client.get_chunks(req).await?.into_inner();
+            let mut out = HashMap::new();
+            while let Some(batch) = stream.message().await? {
+                for c in batch.chunks {
+                    if c.data.is_empty() {
+                        continue;
+                    }
+                    let h = hash_of(&c.hash)?;
+                    // Verify before keeping: the hash is the proof.
+                    if Hash::of(&c.data) == h {
+                        out.insert(h, c.data);
+                    } else {
+                        tracing::warn!(peer = %self.id, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl NodeSource for RemotePeer {
+    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut client = self.client.clone();
+        let req = pb::GetNodesRequest {
+            ids: vec![hash.as_bytes().to_vec()],
+        };
+        let resp = self.rt.block_on(async move { client.get_nodes(req).await });
+        match resp {
+            Ok(r) => Ok(r
+                .into_inner()
+                .nodes
+                .into_iter()
+                .find(|n| n.id == hash.as_bytes())
+                .map(|n| n.data.to_vec())
+                .filter(|d| !d.is_empty())),
+            Err(s) => Err(StoreError::Io {
+                path: format!("peer {}", self.id).into(),
+                source: std::io::Error::other(format!("fetching manifest node {hash}: {s}")),
+            }),
+        }
+    }
+
+    fn origin(&self) -> chunk_store::Origin {
+        chunk_store::Origin::Remote
+    }
+}
+
+/// Chunks from a peer, fetched ahead in batches in the order the
+/// materializer will ask for them (the diff's missing list), so memory stays
+/// bounded by one batch and round trips are few.
+#[derive(Debug)]
+pub struct RemoteChunks<'a> {
+    pub peer: &'a RemotePeer,
+    pub dir: String,
+    /// The diff's missing chunks, in recipe order.
+    pub order: Vec<ChunkEntry>,
+    pub cache: std::sync::Mutex<(usize, HashMap<Hash, Bytes>)>,
+    /// Bytes received from the peer (verified chunks).
+    pub received: std::sync::atomic::AtomicU64,
+}
+
+impl ChunkSource for RemoteChunks<'_> {
+    fn read_chunk(&self, chunk: &ChunkEntry) -> std::io::Result<Option<Vec<u8>>> {
+        let mut guard = self.cache.lock().unwrap();
+        if let Some(b) = guard.1.remove(&chunk.hash) {
+            return Ok(Some(b.to_vec()));
+        }
+        // Fetch the next window of the missing list starting at this chunk.
+        let start = self
+            .order
+            .iter()
+            .position(|c| c.hash == chunk.hash)
+            .unwrap_or(guard.0);
+        let mut want = vec![chunk.hash];
+        let mut bytes = chunk.len as usize;
+        for c in self.order.iter().skip(start + 1) {
+            if want.len() >= MAX_CHUNKS_PER_CALL || bytes + c.len as usize > 16 << 20 {
+                break;
+            }
+            want.push(c.hash);
+            bytes += c.len as usize;
+        }
+        let got = self
+            .peer
+            .fetch_chunks(&self.dir, &want)
+            .map_err(std::io::Error::other)?;
+        let n: usize = got.values().map(Bytes::len).sum();
+        self.received
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        guard.0 = start + want.len();
+        guard.1 = got;
+        Ok(guard.1.remove(&chunk.hash).map(|b| b.to_vec()))
+    }
+}

@@ -1,0 +1,237 @@
+//! Several real `syncd run` processes on 127.0.0.x keep a directory
+//! identical: create, 1-byte insert, rename, delete (files and trees),
+//! symlinks and empty directories; a replica restarted while the source
+//! changes; a fresh node that knows only a replica.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    name: String,
+    data: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn new(tmp: &Path, name: &str, ip: &str, mode: &str, peers: &[&str]) -> Daemon {
+        let base = tmp.join(name);
+        let data = base.join("data");
+        fs::create_dir_all(&data).unwrap();
+        fs::create_dir_all(base.join("dirs.d")).unwrap();
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}:7400\"")).collect();
+        let config = base.join("syncd.toml");
+        fs::write(
+            &config,
+            format!(
+                "[node]\nid = \"{name}\"\nlisten = \"{ip}:7400\"\nstate_dir = \"{}\"\npeers = [{}]\n",
+                base.join("state").display(),
+                peers.join(", ")
+            ),
+        )
+        .unwrap();
+        fs::write(
+            base.join("dirs.d/www.toml"),
+            format!(
+                "id = \"www\"\npath = \"{}\"\nmode = \"{mode}\"\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            name: name.into(),
+            data,
+            config,
+            log: base.join("log"),
+            child: None,
+        };
+        d.start();
+        d
+    }
+
+    fn start(&mut self) {
+        let log = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_syncd"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "syncd=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Everything a replica must reproduce: paths, types, bytes, modes,
+/// mtimes, symlink targets.
+fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
+            let desc = if m.is_dir() {
+                stack.push(e.path());
+                format!("dir {:o}", m.mode() & 0o7777)
+            } else if m.file_type().is_symlink() {
+                format!("link {:?}", fs::read_link(e.path()).ok())
+            } else {
+                let h = fs::read(e.path())
+                    .map(|b| blake3::hash(&b).to_hex().to_string())
+                    .unwrap_or_default();
+                format!(
+                    "file {:o} {} {}.{} {h}",
+                    m.mode() & 0o7777,
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
+            };
+            out.push((rel, desc));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn converge(src: &Daemon, replicas: &[&Daemon], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let want = snapshot(&src.data);
+        if replicas.iter().all(|r| snapshot(&r.data) == want) {
+            return;
+        }
+        if Instant::now() > deadline {
+            for r in replicas {
+                eprintln!(
+                    "--- {} log:\n{}",
+                    r.name,
+                    fs::read_to_string(&r.log).unwrap_or_default()
+                );
+            }
+            eprintln!(
+                "--- {} log:\n{}",
+                src.name,
+                fs::read_to_string(&src.log).unwrap_or_default()
+            );
+            panic!("{what}: replicas did not converge within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    chunk_store::testdata::pseudo_random(len, seed)
+}
+
+fn root_of(dir: &Path, state: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["index", "--json", "--state"])
+        .arg(state)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["root"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn three_node_fleet_stays_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c, d) = ("127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14");
+    let src = Daemon::new(tmp.path(), "src", a, "source", &[b, c]);
+    fs::write(src.data.join("hello.txt"), b"hello fleet").unwrap();
+    fs::create_dir_all(src.data.join("site/css")).unwrap();
+    fs::write(src.data.join("site/index.html"), random(100_000, 1)).unwrap();
+    fs::write(src.data.join("site/css/app.css"), b"body{}").unwrap();
+    fs::write(src.data.join("big.bin"), random(8 << 20, 2)).unwrap();
+    let mut r1 = Daemon::new(tmp.path(), "r1", b, "replica", &[a]);
+    let r2 = Daemon::new(tmp.path(), "r2", c, "replica", &[a]);
+    converge(&src, &[&r1, &r2], "initial sync");
+
+    // Edits of every kind on the source.
+    let mut big = fs::read(src.data.join("big.bin")).unwrap();
+    big.insert(big.len() / 2, 0xAB);
+    fs::write(src.data.join("big.bin"), &big).unwrap();
+    fs::rename(src.data.join("hello.txt"), src.data.join("site/hello.txt")).unwrap();
+    fs::remove_dir_all(src.data.join("site/css")).unwrap();
+    fs::create_dir_all(src.data.join("empty/nested")).unwrap();
+    symlink("site/index.html", src.data.join("index-link")).unwrap();
+    fs::write(src.data.join("new.txt"), b"new").unwrap();
+    fs::set_permissions(
+        src.data.join("new.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    converge(&src, &[&r1, &r2], "edits");
+
+    // A replica down while the source changes catches up on restart.
+    r1.kill();
+    fs::write(src.data.join("while-down.txt"), random(300_000, 3)).unwrap();
+    fs::remove_file(src.data.join("new.txt")).unwrap();
+    converge(&src, &[&r2], "edit while r1 is down");
+    r1.start();
+    converge(&src, &[&r1, &r2], "restart");
+
+    // A fresh node that only knows r1 learns the fleet and catches up.
+    let r3 = Daemon::new(tmp.path(), "r3", d, "replica", &[b]);
+    converge(&src, &[&r1, &r2, &r3], "join");
+
+    // Same content, same root, on every node.
+    let want = root_of(&src.data, &tmp.path().join("check-src"));
+    for (i, r) in [&r1, &r2, &r3].iter().enumerate() {
+        assert_eq!(
+            root_of(&r.data, &tmp.path().join(format!("check-{i}"))),
+            want
+        );
+    }
+}
+
+#[test]
+fn run_with_a_broken_config_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("syncd.toml");
+    fs::write(&cfg, "[node]\nid = \"x\"\nlisten = \"nowhere\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("syncd.toml:3") && err.contains("not an address:port"),
+        "{err}"
+    );
+}
