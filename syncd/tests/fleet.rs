@@ -6,7 +6,7 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 struct Daemon {
@@ -59,7 +59,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_syncd"))
+        let child = common::syncd()
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "syncd=info")
@@ -150,20 +150,13 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
     chunk_store::testdata::pseudo_random(len, seed)
 }
 
+mod common;
+
 fn root_of(dir: &Path, state: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_syncd"))
-        .args(["index", "--json", "--state"])
-        .arg(state)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["root"].as_str().unwrap().to_string()
+    common::index_json(dir, state)["root"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -223,7 +216,7 @@ fn run_with_a_broken_config_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("syncd.toml");
     fs::write(&cfg, "[node]\nid = \"x\"\nlisten = \"nowhere\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_syncd"))
+    let out = common::syncd()
         .args(["run", "--config"])
         .arg(&cfg)
         .output()

@@ -3,30 +3,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chunk_store::ChunkerConfig;
 use chunk_store::store::Store;
 
-fn syncd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_syncd"))
-}
-
-fn index_json(dir: &Path, state: &Path) -> serde_json::Value {
-    let out = syncd()
-        .args(["index", "--json", "--state"])
-        .arg(state)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+mod common;
+use common::{index_json, syncd};
 
 /// Enough files for ~80 commits per full scan (256 files per batch).
 const FILES: usize = 20_000;

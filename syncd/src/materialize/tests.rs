@@ -20,6 +20,29 @@ fn side(tmp: &Path, name: &str) -> Side {
     Side { root, store }
 }
 
+/// A side's own files as a chunk source.
+fn chunks_of(s: &Side) -> LocalChunks<'_> {
+    LocalChunks {
+        store: &s.store,
+        roots: vec![("www".into(), s.root.clone())],
+    }
+}
+
+/// Scans both sides and diffs the destination against the source.
+fn scan_and_diff(src: &Side, dst: &Side, before_diff: impl FnOnce()) -> Diff {
+    let s = scan(&src.store, "www", &src.root).unwrap();
+    let d = scan(&dst.store, "www", &dst.root).unwrap();
+    before_diff();
+    manifest::diff(
+        &dst.store,
+        Some(d.root),
+        &src.store,
+        Some(s.root),
+        &mut |h| dst.store.has_chunk(h),
+    )
+    .unwrap()
+}
+
 fn write(root: &Path, rel: &str, data: &[u8]) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -43,24 +66,8 @@ impl ChunkSource for Counting<'_> {
 }
 
 fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
-    let s = scan(&src.store, "www", &src.root).unwrap();
-    let d = scan(&dst.store, "www", &dst.root).unwrap();
-    let diff = manifest::diff(
-        &dst.store,
-        Some(d.root),
-        &src.store,
-        Some(s.root),
-        &mut |h| dst.store.has_chunk(h),
-    )
-    .unwrap();
-    let local = LocalChunks {
-        store: &dst.store,
-        roots: vec![("www".into(), dst.root.clone())],
-    };
-    let remote = LocalChunks {
-        store: &src.store,
-        roots: vec![("www".into(), src.root.clone())],
-    };
+    let diff = scan_and_diff(src, dst, || {});
+    let (local, remote) = (chunks_of(dst), chunks_of(src));
     let local = Counting {
         inner: &local,
         bytes: Cell::new(0),
@@ -71,8 +78,9 @@ fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
     };
     let report = apply(&dst.root, &diff, &src.store, &[&local, &remote]).unwrap();
     let after = scan(&dst.store, "www", &dst.root).unwrap();
+    let want = scan(&src.store, "www", &src.root).unwrap();
     assert_eq!(
-        after.root, s.root,
+        after.root, want.root,
         "replica root differs from source root after apply"
     );
     (report, local.bytes.get(), remote.bytes.get())
@@ -175,23 +183,12 @@ fn writes_never_go_through_a_symlink() {
     fs::create_dir(&outside).unwrap();
     write(&src.root, "sub/x", b"payload");
     fs::create_dir(dst.root.join("sub")).unwrap();
-    let s = scan(&src.store, "www", &src.root).unwrap();
-    let d = scan(&dst.store, "www", &dst.root).unwrap();
     // Between the scan and the write, `sub` becomes a symlink out of the root.
-    fs::remove_dir(dst.root.join("sub")).unwrap();
-    symlink(&outside, dst.root.join("sub")).unwrap();
-    let diff = manifest::diff(
-        &dst.store,
-        Some(d.root),
-        &src.store,
-        Some(s.root),
-        &mut |_| Ok(false),
-    )
-    .unwrap();
-    let remote = LocalChunks {
-        store: &src.store,
-        roots: vec![("www".into(), src.root.clone())],
-    };
+    let diff = scan_and_diff(&src, &dst, || {
+        fs::remove_dir(dst.root.join("sub")).unwrap();
+        symlink(&outside, dst.root.join("sub")).unwrap();
+    });
+    let remote = chunks_of(&src);
     let err = apply(&dst.root, &diff, &src.store, &[&remote]).unwrap_err();
     assert!(
         matches!(err, MaterializeError::ThroughSymlink { .. }),
@@ -226,16 +223,7 @@ fn corrupt_chunks_are_never_written() {
     let dst = side(tmp.path(), "dst");
     write(&src.root, "f", &pseudo_random(200_000, 3));
     write(&dst.root, "f", b"old content");
-    let s = scan(&src.store, "www", &src.root).unwrap();
-    let d = scan(&dst.store, "www", &dst.root).unwrap();
-    let diff = manifest::diff(
-        &dst.store,
-        Some(d.root),
-        &src.store,
-        Some(s.root),
-        &mut |_| Ok(false),
-    )
-    .unwrap();
+    let diff = scan_and_diff(&src, &dst, || {});
     let liar = Fixed(b"garbage".to_vec());
     // Only a lying source: the old file stays, no temp file remains.
     let err = apply(&dst.root, &diff, &src.store, &[&liar]).unwrap_err();
@@ -246,10 +234,7 @@ fn corrupt_chunks_are_never_written() {
     assert_eq!(fs::read(dst.root.join("f")).unwrap(), b"old content");
     assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 1);
     // A lying source first, an honest one second: correct bytes, lies counted.
-    let honest = LocalChunks {
-        store: &src.store,
-        roots: vec![("www".into(), src.root.clone())],
-    };
+    let honest = chunks_of(&src);
     let report = apply(&dst.root, &diff, &src.store, &[&liar, &honest]).unwrap();
     assert!(report.corrupt_chunks >= 1);
     assert_eq!(
