@@ -61,34 +61,69 @@ pub trait ChunkSource {
 
 /// Chunks already on this node, read from the files the index says hold
 /// them. Stale locations (a file changed since it was indexed) simply fail
-/// verification and the next source is asked.
+/// verification and the next location or source is tried.
 #[derive(Debug)]
 pub struct LocalChunks<'a> {
-    pub store: &'a Store,
+    store: &'a Store,
     /// Synced roots by directory id, to resolve locations.
-    pub roots: Vec<(String, PathBuf)>,
+    roots: Vec<(String, PathBuf)>,
+    /// Open files, so a run of chunks from one file costs one open. A file
+    /// replaced since it was opened keeps its old content on this handle,
+    /// which is exactly what its recorded locations describe.
+    open: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<std::fs::File>>>,
 }
 
-impl ChunkSource for LocalChunks<'_> {
-    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+/// Open files kept per [`LocalChunks`].
+const OPEN_FILES: usize = 64;
+
+impl<'a> LocalChunks<'a> {
+    pub fn new(store: &'a Store, roots: Vec<(String, PathBuf)>) -> LocalChunks<'a> {
+        LocalChunks {
+            store,
+            roots,
+            open: Default::default(),
+        }
+    }
+
+    fn file(&self, path: PathBuf) -> Option<std::sync::Arc<std::fs::File>> {
+        let mut open = self.open.lock().unwrap();
+        if let Some(f) = open.get(&path) {
+            return Some(f.clone());
+        }
+        let f = std::sync::Arc::new(std::fs::File::open(&path).ok()?);
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        open.insert(path, f.clone());
+        Some(f)
+    }
+
+    /// The verified bytes of the chunk with this hash, its length taken
+    /// from the index (peers ask by hash alone).
+    pub fn read_hash(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
-        let locations = self
-            .store
-            .chunk_locations(&chunk.hash)
-            .map_err(io::Error::other)?;
+        let locations = self.store.chunk_locations(hash).map_err(io::Error::other)?;
         for loc in locations {
             let Some((_, root)) = self.roots.iter().find(|(id, _)| *id == loc.dir) else {
                 continue;
             };
-            let Ok(file) = std::fs::File::open(root.join(&loc.path)) else {
+            let Some(file) = self.file(root.join(&loc.path)) else {
                 continue;
             };
-            let mut buf = vec![0u8; chunk.len as usize];
-            if file.read_exact_at(&mut buf, loc.offset).is_ok() && Hash::of(&buf) == chunk.hash {
+            let mut buf = vec![0u8; loc.len as usize];
+            if file.read_exact_at(&mut buf, loc.offset).is_ok() && Hash::of(&buf) == *hash {
                 return Ok(Some(buf));
             }
         }
         Ok(None)
+    }
+}
+
+impl ChunkSource for LocalChunks<'_> {
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+        Ok(self
+            .read_hash(&chunk.hash)?
+            .filter(|b| b.len() == chunk.len as usize))
     }
 }
 

@@ -344,10 +344,7 @@ fn pull(
     )
     .with_context(|| format!("diff of {:?} against peer {}", dir.id, first.id))?;
     let diffed = started.elapsed();
-    let local_chunks = LocalChunks {
-        store,
-        roots: node.roots(),
-    };
+    let local_chunks = LocalChunks::new(store, node.roots());
     let remotes: Vec<RemoteChunks<'_>> = peers
         .iter()
         .map(|p| RemoteChunks {

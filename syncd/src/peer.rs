@@ -118,27 +118,11 @@ impl pb::peer_server::Peer for PeerService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let node = self.node.clone();
         tokio::task::spawn_blocking(move || {
-            let local = LocalChunks {
-                store: &node.store,
-                roots: node.roots(),
-            };
+            let local = LocalChunks::new(&node.store, node.roots());
             let mut batch = pb::ChunkBatch::default();
             let mut size = 0;
             for h in hashes {
-                // Length is unknown to the server: read it from a location.
-                let len = node
-                    .store
-                    .chunk_locations(&h)
-                    .ok()
-                    .and_then(|l| l.first().map(|l| l.len));
-                let data = len
-                    .and_then(|len| {
-                        local
-                            .read_chunk(&ChunkEntry { hash: h, len })
-                            .ok()
-                            .flatten()
-                    })
-                    .unwrap_or_default();
+                let data = local.read_hash(&h).ok().flatten().unwrap_or_default();
                 size += data.len();
                 batch.chunks.push(pb::Chunk {
                     hash: h.as_bytes().to_vec(),

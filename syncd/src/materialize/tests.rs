@@ -22,10 +22,7 @@ fn side(tmp: &Path, name: &str) -> Side {
 
 /// A side's own files as a chunk source.
 fn chunks_of(s: &Side) -> LocalChunks<'_> {
-    LocalChunks {
-        store: &s.store,
-        roots: vec![("www".into(), s.root.clone())],
-    }
+    LocalChunks::new(&s.store, vec![("www".into(), s.root.clone())])
 }
 
 /// Scans both sides and diffs the destination against the source.
