@@ -406,6 +406,15 @@ impl Store {
         Ok(iter.key().is_some_and(|k| k.starts_with(hash.as_bytes())))
     }
 
+    /// A reusable "do we hold this chunk?" probe for many lookups in a row
+    /// (a diff asks once per chunk of every new file): creating a RocksDB
+    /// iterator costs tens of microseconds, a seek on an open one far less.
+    pub fn chunk_probe(&self) -> ChunkProbe<'_> {
+        ChunkProbe {
+            iter: self.db.raw_iterator_cf(self.cf(CF_CHUNKS)),
+        }
+    }
+
     pub fn has_node(&self, hash: &Hash) -> Result<bool, Error> {
         Ok(self
             .db
@@ -567,6 +576,28 @@ impl Store {
             locations,
             root: root.map(|r| r.root),
         })
+    }
+}
+
+/// See [`Store::chunk_probe`]. Sees the index as of its creation.
+pub struct ChunkProbe<'a> {
+    iter: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+}
+
+impl std::fmt::Debug for ChunkProbe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkProbe")
+    }
+}
+
+impl ChunkProbe<'_> {
+    pub fn has(&mut self, hash: &Hash) -> Result<bool, Error> {
+        self.iter.seek(hash.as_bytes());
+        self.iter.status().map_err(|e| Error::db("seek chunk", e))?;
+        Ok(self
+            .iter
+            .key()
+            .is_some_and(|k| k.starts_with(hash.as_bytes())))
     }
 }
 
@@ -752,6 +783,11 @@ mod tests {
         );
         assert!(s.has_chunk(&h).unwrap());
         assert!(!s.has_chunk(&Hash::of(b"absent")).unwrap());
+        let mut probe = s.chunk_probe();
+        assert!(probe.has(&h).unwrap());
+        assert!(!probe.has(&Hash::of(b"absent")).unwrap());
+        assert!(probe.has(&Hash::of(b"other")).unwrap());
+        drop(probe);
         let mut b = s.batch();
         b.delete_location(&h, "www", "a/b.bin");
         s.commit(b, false).unwrap();

@@ -335,14 +335,16 @@ fn pull(
         .collect::<anyhow::Result<_>>()?;
     let first = peers.first().context("no peer holds the version")?;
     let store = &node.store;
+    let mut probe = store.chunk_probe();
     let diff = manifest::diff(
         &**store,
         Some(local.root),
         first,
         Some(remote_root),
-        &mut |h| store.has_chunk(h),
+        &mut |h| probe.has(h),
     )
     .with_context(|| format!("diff of {:?} against peer {}", dir.id, first.id))?;
+    drop(probe);
     let diffed = started.elapsed();
     let local_chunks = LocalChunks::new(store, node.roots());
     let remotes: Vec<RemoteChunks<'_>> = peers
@@ -450,7 +452,11 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        .serve_with_incoming(
+            // Nagle's algorithm against delayed ACKs cost ~40 ms per small
+            // response (a manifest node) before this.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
 
     let mut tasks = tokio::task::JoinSet::new();
     {
