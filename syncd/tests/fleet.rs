@@ -1,7 +1,8 @@
 //! Several real `syncd run` processes on 127.0.0.x keep a directory
 //! identical: create, 1-byte insert, rename, delete (files and trees),
 //! symlinks and empty directories; a replica restarted while the source
-//! changes; a fresh node that knows only a replica.
+//! changes; a fresh node that knows only a replica; a replica killed in the
+//! middle of writing a large file.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
@@ -227,4 +228,43 @@ fn run_with_a_broken_config_names_the_file() {
         err.contains("syncd.toml:3") && err.contains("not an address:port"),
         "{err}"
     );
+}
+
+/// A replica killed while a large file is being written (its temp file is
+/// on disk) restarts, finishes the sync and leaves no temp file behind.
+#[test]
+fn replica_killed_mid_transfer_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = ("127.0.0.15", "127.0.0.16");
+    let src = Daemon::new(tmp.path(), "src", a, "source", &[b]);
+    let mut r1 = Daemon::new(tmp.path(), "r1", b, "replica", &[a]);
+    fs::write(src.data.join("small.txt"), b"first").unwrap();
+    converge(&src, &[&r1], "before the big file");
+
+    let staged = tmp.path().join("staged.bin");
+    fs::write(&staged, random(400 << 20, 9)).unwrap();
+    fs::rename(&staged, src.data.join("big.bin")).unwrap();
+    let temp_exists = |dir: &Path| {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".syncd-tmp."))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !temp_exists(&r1.data) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never started writing"
+        );
+        std::thread::yield_now();
+    }
+    r1.kill(); // SIGKILL mid-write
+    assert!(
+        !r1.data.join("big.bin").exists(),
+        "a partial file became visible under its real name"
+    );
+    r1.start();
+    converge(&src, &[&r1], "after the restart");
+    assert!(!temp_exists(&r1.data), "a temp file was left behind");
 }
