@@ -66,7 +66,8 @@ pub struct Node {
     pub address: String,
     pub labels: BTreeMap<String, String>,
     pub store: Arc<Store>,
-    pub dirs: BTreeMap<String, Arc<DirState>>,
+    /// Synced directories by id; SIGHUP adds and removes entries.
+    dirs: std::sync::RwLock<BTreeMap<String, Arc<DirState>>>,
     bootstrap: Vec<String>,
     peers: Mutex<HashMap<String, PeerState>>,
     channels: Mutex<HashMap<String, Channel>>,
@@ -80,10 +81,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// The directories being synced now.
+    pub fn dir_list(&self) -> Vec<Arc<DirState>> {
+        self.dirs.read().unwrap().values().cloned().collect()
+    }
+
     /// Directory roots by id, to resolve chunk locations.
     pub fn roots(&self) -> Vec<(String, PathBuf)> {
-        self.dirs
-            .values()
+        self.dir_list()
+            .iter()
             .map(|d| (d.id.clone(), d.path.clone()))
             .collect()
     }
@@ -102,8 +108,8 @@ impl Node {
         pb::Holdings {
             from: Some(self.member()),
             dirs: self
-                .dirs
-                .values()
+                .dir_list()
+                .iter()
                 .filter_map(|d| d.current.lock().unwrap().clone())
                 .collect(),
             members: peers
@@ -184,7 +190,11 @@ impl Node {
     /// The newest version of `dir` among live peers, newer than ours, with
     /// every live peer that holds it.
     fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<(String, String)>)> {
-        let ours = self.dirs[dir]
+        let ours = self
+            .dirs
+            .read()
+            .unwrap()
+            .get(dir)?
             .current
             .lock()
             .unwrap()
@@ -403,28 +413,12 @@ pub async fn run(
         Store::open(&state_dir.join("index"), ChunkerConfig::default())
             .with_context(|| format!("opening the index in {}", state_dir.display()))?,
     );
-    let dirs = config
-        .dirs
-        .iter()
-        .map(|(id, (_, d))| {
-            (
-                id.clone(),
-                Arc::new(DirState {
-                    id: id.clone(),
-                    path: d.path.get_ref().clone(),
-                    mode: *d.mode.get_ref(),
-                    rescan_interval: d.rescan_interval,
-                    current: Mutex::new(None),
-                }),
-            )
-        })
-        .collect();
     let node = Arc::new(Node {
         id: n.id.get_ref().clone(),
         address: config.listen.to_string(),
         labels: n.labels.get_ref().clone(),
         store,
-        dirs,
+        dirs: Default::default(),
         bootstrap: n.peers.get_ref().clone(),
         peers: Mutex::new(HashMap::new()),
         channels: Mutex::new(HashMap::new()),
@@ -435,15 +429,15 @@ pub async fn run(
 
     // Replicas start from what they hold on disk: their last applied
     // version is unknown after a restart, so they take whatever is newest.
-    for d in node.dirs.values() {
-        let (node2, d2) = (node.clone(), d.clone());
-        tokio::task::spawn_blocking(move || rescan(&node2, &d2)).await??;
+    let mut pending = Vec::new();
+    for (id, (_, d)) in &config.dirs {
+        pending.push(prepare_dir(&node, id, d).await?);
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the peer service to {}", config.listen))?;
-    tracing::info!(node = %node.id, listen = %config.listen, dirs = node.dirs.len(), "syncd running");
+    tracing::info!(node = %node.id, listen = %config.listen, dirs = pending.len(), "syncd running");
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
@@ -471,17 +465,113 @@ pub async fn run(
             }
         });
     }
-    for d in node.dirs.values() {
-        let (node, d) = (node.clone(), d.clone());
-        let rt = tokio::runtime::Handle::current();
-        tasks.spawn(async move { dir_loop(node, d, rt).await });
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    for d in pending {
+        running.insert(d.id.clone(), start_dir(&node, d, &mut tasks));
     }
-    tokio::select! {
-        r = server => r.context("peer service failed")?,
-        _ = shutdown => tracing::info!("shutting down"),
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = &mut server => {
+                r.context("peer service failed")?;
+                break;
+            }
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = hangup.recv() => reload(&node, &config, &mut running, &mut tasks).await,
+        }
     }
     tasks.abort_all();
     Ok(())
+}
+
+/// Creates a directory's state and scans it once.
+async fn prepare_dir(
+    node: &Arc<Node>,
+    id: &str,
+    d: &crate::config::DirFile,
+) -> anyhow::Result<Arc<DirState>> {
+    let dir = Arc::new(DirState {
+        id: id.to_string(),
+        path: d.path.get_ref().clone(),
+        mode: *d.mode.get_ref(),
+        rescan_interval: d.rescan_interval,
+        current: Mutex::new(None),
+    });
+    let (n, d2) = (node.clone(), dir.clone());
+    tokio::task::spawn_blocking(move || rescan(&n, &d2)).await??;
+    Ok(dir)
+}
+
+fn start_dir(
+    node: &Arc<Node>,
+    dir: Arc<DirState>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> tokio::task::AbortHandle {
+    node.dirs
+        .write()
+        .unwrap()
+        .insert(dir.id.clone(), dir.clone());
+    let node = node.clone();
+    let rt = tokio::runtime::Handle::current();
+    tasks.spawn(async move { dir_loop(node, dir, rt).await })
+}
+
+/// SIGHUP: re-reads `dirs.d/` and starts or stops directories. A directory
+/// whose path, mode or interval changed is stopped and started again. Files
+/// of a stopped directory are left as they are. An invalid configuration is
+/// logged and the running one kept.
+async fn reload(
+    node: &Arc<Node>,
+    running_config: &Config,
+    running: &mut HashMap<String, tokio::task::AbortHandle>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let new = match Config::load(&running_config.file) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return;
+        }
+    };
+    if new.listen != running_config.listen
+        || new.node.node.peers.get_ref() != running_config.node.node.peers.get_ref()
+    {
+        tracing::warn!("changes to [node] take effect on restart only");
+    }
+    let same = |a: &DirState, b: &crate::config::DirFile| {
+        a.path == *b.path.get_ref()
+            && a.mode == *b.mode.get_ref()
+            && a.rescan_interval == b.rescan_interval
+    };
+    for d in node.dir_list() {
+        if !new.dirs.get(&d.id).is_some_and(|(_, f)| same(&d, f)) {
+            if let Some(task) = running.remove(&d.id) {
+                task.abort();
+            }
+            node.dirs.write().unwrap().remove(&d.id);
+            tracing::info!(dir = %d.id, path = %d.path.display(), "stopped syncing directory");
+        }
+    }
+    for (id, (file, d)) in &new.dirs {
+        if running.contains_key(id) {
+            continue;
+        }
+        match prepare_dir(node, id, d).await {
+            Ok(dir) => {
+                tracing::info!(dir = %id, path = %dir.path.display(), "started syncing directory");
+                running.insert(id.clone(), start_dir(node, dir, tasks));
+            }
+            Err(e) => {
+                tracing::error!(dir = %id, file = %file.display(), error = format!("{e:#}"), "cannot start directory")
+            }
+        }
+    }
 }
 
 /// Watches one directory and keeps it current.

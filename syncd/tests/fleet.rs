@@ -71,6 +71,35 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// SIGHUP: reload dirs.d.
+    fn hup(&self) {
+        let pid = self.child.as_ref().unwrap().id();
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP {pid}");
+    }
+
+    /// Waits until the daemon's log has `n` lines containing `what`.
+    fn wait_log(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {what:?} in the log",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -267,4 +296,37 @@ fn replica_killed_mid_transfer_recovers() {
     r1.start();
     converge(&src, &[&r1], "after the restart");
     assert!(!temp_exists(&r1.data), "a temp file was left behind");
+}
+
+/// SIGHUP applies dirs.d changes without a restart: a removed file stops a
+/// directory, an added one starts it, an invalid one is refused and logged.
+#[test]
+fn sighup_adds_and_removes_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = ("127.0.0.17", "127.0.0.18");
+    let src = Daemon::new(tmp.path(), "src", a, "source", &[b]);
+    let r1 = Daemon::new(tmp.path(), "r1", b, "replica", &[a]);
+    fs::write(src.data.join("one.txt"), b"1").unwrap();
+    converge(&src, &[&r1], "before reload");
+
+    let www = tmp.path().join("r1/dirs.d/www.toml");
+    let saved = fs::read_to_string(&www).unwrap();
+    fs::remove_file(&www).unwrap();
+    r1.hup();
+    r1.wait_log("stopped syncing directory", 1);
+
+    fs::write(
+        tmp.path().join("r1/dirs.d/bad.toml"),
+        "id = \"x\"\nmode = \"replica\"\n",
+    )
+    .unwrap();
+    r1.hup();
+    r1.wait_log("reload failed", 1);
+    fs::remove_file(tmp.path().join("r1/dirs.d/bad.toml")).unwrap();
+
+    fs::write(src.data.join("two.txt"), b"2").unwrap();
+    fs::write(&www, saved).unwrap();
+    r1.hup();
+    r1.wait_log("started syncing directory", 1);
+    converge(&src, &[&r1], "after reload");
 }
