@@ -35,10 +35,7 @@ pub enum Error {
         source: rocksdb::Error,
     },
 
-    #[error(
-        "synced root {} is missing or not a directory ({reason}); refusing to index it as empty",
-        path.display()
-    )]
+    #[error("synced root {} is unavailable: {reason}", path.display())]
     RootUnavailable { path: PathBuf, reason: String },
 
     #[error("invalid chunker configuration: {0}")]

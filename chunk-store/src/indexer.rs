@@ -116,8 +116,28 @@ fn mtime_of(m: &Metadata) -> Mtime {
     }
 }
 
+/// Options of [`scan_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanOptions {
+    /// Refuse to publish an empty tree over a non-empty one: on a node that
+    /// publishes, an empty root is far more often an unmounted file system
+    /// or a wrong path than a real deletion of everything, and publishing
+    /// it would delete the content on every replica.
+    pub refuse_emptying: bool,
+}
+
 /// Scans `root` as synced directory `dir` and publishes its manifest root.
 pub fn scan(store: &Store, dir: &str, root: &Path) -> Result<ScanReport, Error> {
+    scan_with(store, dir, root, ScanOptions::default())
+}
+
+/// [`scan`] with options.
+pub fn scan_with(
+    store: &Store,
+    dir: &str,
+    root: &Path,
+    opts: ScanOptions,
+) -> Result<ScanReport, Error> {
     let started = Instant::now();
     store::validate_dir_id(dir)?;
     match fs::metadata(root) {
@@ -408,6 +428,21 @@ pub fn scan(store: &Store, dir: &str, root: &Path) -> Result<ScanReport, Error> 
     }
     report.root = roots[0].expect("the root directory is walked first");
     let previous = store.root(dir)?;
+    if let Some(p) = previous
+        && opts.refuse_emptying
+        && p.files > 0
+        && report.files + report.dirs + report.symlinks == 0
+    {
+        // Nothing of the final batch (removals, the root) is committed.
+        return Err(Error::RootUnavailable {
+            path: root.to_path_buf(),
+            reason: format!(
+                "it is empty, but version {} had {} files; refusing to publish their deletion \
+                 (unmounted file system?)",
+                p.version, p.files
+            ),
+        });
+    }
     report.version = previous.map_or(0, |p| p.version);
     if previous.map(|p| p.root) != Some(report.root) {
         report.changed = true;

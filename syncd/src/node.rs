@@ -297,7 +297,10 @@ fn check_member(m: &pb::Member) -> Result<(), Status> {
 /// report local edits.
 fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
     let _guard = node.index_lock.lock().unwrap();
-    let report = indexer::scan(&node.store, &dir.id, &dir.path)
+    let opts = indexer::ScanOptions {
+        refuse_emptying: dir.mode == Mode::Source,
+    };
+    let report = indexer::scan_with(&node.store, &dir.id, &dir.path, opts)
         .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
     let mut current = dir.current.lock().unwrap();
     match dir.mode {
@@ -504,7 +507,11 @@ async fn prepare_dir(
         current: Mutex::new(None),
     });
     let (n, d2) = (node.clone(), dir.clone());
-    tokio::task::spawn_blocking(move || rescan(&n, &d2)).await??;
+    // A directory that cannot be scanned (missing, unmounted) is an error
+    // state, not a reason to stop the node: its loop keeps retrying.
+    if let Err(e) = tokio::task::spawn_blocking(move || rescan(&n, &d2)).await? {
+        tracing::error!(dir = %id, error = format!("{e:#}"), "initial scan failed");
+    }
     Ok(dir)
 }
 

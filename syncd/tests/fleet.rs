@@ -330,3 +330,23 @@ fn sighup_adds_and_removes_directories() {
     r1.wait_log("started syncing directory", 1);
     converge(&src, &[&r1], "after reload");
 }
+
+/// A source whose root suddenly looks empty (an unmounted file system)
+/// refuses to publish the deletion; the replicas keep their files.
+#[test]
+fn an_emptied_source_does_not_wipe_the_fleet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = ("127.0.0.19", "127.0.0.20");
+    let src = Daemon::new(tmp.path(), "src", a, "source", &[b]);
+    let r1 = Daemon::new(tmp.path(), "r1", b, "replica", &[a]);
+    fs::create_dir(src.data.join("site")).unwrap();
+    fs::write(src.data.join("site/index.html"), b"content").unwrap();
+    converge(&src, &[&r1], "before");
+    let before = snapshot(&r1.data);
+    fs::remove_dir_all(src.data.join("site")).unwrap();
+    src.wait_log("refusing to publish their deletion", 1);
+    assert_eq!(snapshot(&r1.data), before, "the replica lost its files");
+    // New content is published again, deletions included.
+    fs::write(src.data.join("new.html"), b"new").unwrap();
+    converge(&src, &[&r1], "after");
+}

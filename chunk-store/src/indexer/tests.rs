@@ -339,3 +339,30 @@ fn diff_between_two_real_indexes() {
     let missing: u64 = d.missing_chunks.iter().map(|c| u64::from(c.len)).sum();
     assert_eq!(missing, 300_000 + 7, "only the new bytes are missing");
 }
+
+#[test]
+fn an_emptied_root_is_refused_when_asked() {
+    let f = fixture();
+    sample_tree(&f.root);
+    let first = scan(&f.store, "d", &f.root).unwrap();
+    for e in fs::read_dir(&f.root).unwrap() {
+        let p = e.unwrap().path();
+        if p.symlink_metadata().unwrap().is_dir() {
+            fs::remove_dir_all(p).unwrap();
+        } else {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    let opts = ScanOptions {
+        refuse_emptying: true,
+    };
+    let err = scan_with(&f.store, "d", &f.root, opts).unwrap_err();
+    assert!(err.to_string().contains("refusing to publish"), "{err}");
+    // Nothing changed in the index.
+    assert_eq!(f.store.root("d").unwrap().unwrap().root, first.root);
+    assert_eq!(f.store.file_records("d").unwrap().len(), 8);
+    f.store.check("d").unwrap();
+    // Without the option (a replica applying a real deletion) it goes through.
+    let r = scan(&f.store, "d", &f.root).unwrap();
+    assert_eq!((r.files, r.version), (0, 2));
+}
