@@ -1,6 +1,6 @@
-//! The syncd daemon library. For now it holds configuration and the `index` entry point; the
-//! daemon's pipeline (watcher, gossip, scheduler, transfer, materialize,
-//! admin, metrics, config) arrives module by module.
+//! The syncd daemon library: configuration, the `index` entry point, the
+//! peer service, materialize, and the node that wires them (`syncd run`).
+//! Admin (`syncctl`) and metrics come next.
 //!
 //! # Layout
 //!
