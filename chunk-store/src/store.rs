@@ -400,10 +400,7 @@ impl Store {
 
     /// Whether any local file holds this chunk.
     pub fn has_chunk(&self, hash: &Hash) -> Result<bool, Error> {
-        let mut iter = self.db.raw_iterator_cf(self.cf(CF_CHUNKS));
-        iter.seek(hash.as_bytes());
-        iter.status().map_err(|e| Error::db("seek chunk", e))?;
-        Ok(iter.key().is_some_and(|k| k.starts_with(hash.as_bytes())))
+        self.chunk_probe().has(hash)
     }
 
     /// A reusable "do we hold this chunk?" probe for many lookups in a row

@@ -172,11 +172,14 @@ fn check_config_reports_file_and_line() {
         "id = \"www\"\npath = \"/srv/www\"\nmode = \"replica\"\n",
     )
     .unwrap();
-    let out = syncd()
-        .args(["check-config", "--config"])
-        .arg(&node)
-        .output()
-        .unwrap();
+    let check = || {
+        syncd()
+            .args(["check-config", "--config"])
+            .arg(&node)
+            .output()
+            .unwrap()
+    };
+    let out = check();
     assert!(
         out.status.success(),
         "{}",
@@ -193,11 +196,7 @@ fn check_config_reports_file_and_line() {
         "id = \"www\"\npath = \"/srv/www\"\nmode = \"replica\"\npaht = \"x\"\n",
     )
     .unwrap();
-    let out = syncd()
-        .args(["check-config", "--config"])
-        .arg(&node)
-        .output()
-        .unwrap();
+    let out = check();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
