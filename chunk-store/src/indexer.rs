@@ -93,6 +93,8 @@ struct Pending {
     rel: String,
     abs: PathBuf,
     size: u64,
+    /// Recorded from a caller's hint instead of being read.
+    known: Option<Chunked>,
 }
 
 struct Chunked {
@@ -109,7 +111,7 @@ fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-fn mtime_of(m: &Metadata) -> Mtime {
+pub fn mtime_of(m: &Metadata) -> Mtime {
     Mtime {
         secs: m.mtime(),
         nanos: m.mtime_nsec() as u32,
@@ -117,13 +119,75 @@ fn mtime_of(m: &Metadata) -> Mtime {
 }
 
 /// Options of [`scan_with`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ScanOptions {
     /// Refuse to publish an empty tree over a non-empty one: on a node that
     /// publishes, an empty root is far more often an unmounted file system
     /// or a wrong path than a real deletion of everything, and publishing
     /// it would delete the content on every replica.
     pub refuse_emptying: bool,
+    /// Files whose chunks the caller already knows, by path: a file it has
+    /// just written from verified chunks. A file whose size, mtime, inode
+    /// and device still match is recorded from its hint instead of being
+    /// read again; any mismatch (it changed since) reads it as usual.
+    pub known: HashMap<String, KnownFile>,
+}
+
+/// A file the caller wrote and whose content it knows chunk by chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownFile {
+    pub size: u64,
+    pub mtime: Mtime,
+    pub inode: u64,
+    pub dev: u64,
+    /// The chunks in file order; their lengths sum to `size`.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+impl KnownFile {
+    /// The hint as it applies to a file with metadata `m`, if it still does.
+    fn matching(&self, m: &Metadata) -> Option<Chunked> {
+        let total: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if total != self.size
+            || m.len() != self.size
+            || mtime_of(m) != self.mtime
+            || m.ino() != self.inode
+            || m.dev() != self.dev
+        {
+            return None;
+        }
+        let mut nodes = MemNodes::default();
+        let recipe = manifest::build_recipe(self.chunks.clone(), &mut nodes).ok()?;
+        let mut offset = 0;
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let r = ChunkRef {
+                    offset,
+                    len: c.len,
+                    hash: c.hash,
+                };
+                offset += u64::from(c.len);
+                r
+            })
+            .collect();
+        Some(Chunked {
+            record: FileRecord {
+                meta: EntryMeta::File {
+                    mode: m.mode() & 0o7777,
+                    size: self.size,
+                    mtime: self.mtime,
+                    recipe,
+                },
+                inode: self.inode,
+                dev: self.dev,
+                chunks: self.chunks.len() as u64,
+            },
+            chunks,
+            nodes,
+        })
+    }
 }
 
 /// Scans `root` as synced directory `dir` and publishes its manifest root.
@@ -227,10 +291,12 @@ pub fn scan_with(
                         FileState::Reused(rec)
                     }
                     _ => {
+                        let known = opts.known.get(&child_rel).and_then(|k| k.matching(&meta));
                         pending.push(Pending {
                             rel: child_rel,
                             abs: entry.path(),
                             size: meta.len(),
+                            known,
                         });
                         FileState::Pending(pending.len() - 1)
                     }
@@ -289,14 +355,18 @@ pub fn scan_with(
             end += 1;
         }
         let chunked: Vec<Result<Read, Error>> = pending[start..end]
-            .par_iter()
-            .map(|p| chunk_file(&cfg, &p.abs))
+            .par_iter_mut()
+            .map(|p| match p.known.take() {
+                Some(c) => Ok(Read::Known(c)),
+                None => chunk_file(&cfg, &p.abs),
+            })
             .collect();
         let mut batch = store.batch();
         for (i, res) in (start..end).zip(chunked) {
             let p = &pending[i];
-            let c = match res? {
-                Read::Done(c) => c,
+            let (c, was_read) = match res? {
+                Read::Done(c) => (c, true),
+                Read::Known(c) => (c, false),
                 Read::Vanished => {
                     seen.remove(&p.rel);
                     continue;
@@ -320,9 +390,11 @@ pub fn scan_with(
                     continue;
                 }
             };
-            report.files_read += 1;
-            if let EntryMeta::File { size, .. } = c.record.meta {
-                report.bytes_read += size;
+            if was_read {
+                report.files_read += 1;
+                if let EntryMeta::File { size, .. } = c.record.meta {
+                    report.bytes_read += size;
+                }
             }
             let old_rec = old.remove(&p.rel);
             delete_locations(store, &mut batch, dir, &p.rel, old_rec.as_ref())?;
@@ -500,6 +572,8 @@ fn delete_locations(
 
 enum Read {
     Done(Chunked),
+    /// Taken from the caller's hint, not read.
+    Known(Chunked),
     Vanished,
     /// Modified while read, every attempt.
     Unstable,

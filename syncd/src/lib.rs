@@ -14,9 +14,14 @@
 //!   per-directory loops (watch, rescan, publish; or pull and apply).
 //! - [`peer`]: the gRPC peer service and its client side (a peer as a
 //!   manifest-node source and a chunk source).
+//! - [`fetch`]: missing chunks fetched from several peers at once, in
+//!   windows, nearest first, bounded read-ahead, retries elsewhere.
+//! - [`topology`]: peer classes (same rack / zone / region / elsewhere).
 
 pub mod config;
+pub mod fetch;
 pub mod index;
 pub mod materialize;
 pub mod node;
 pub mod peer;
+pub mod topology;

@@ -20,16 +20,19 @@
 //! is in place (children before parents). A type change (file ↔ directory)
 //! removes the old entry just before creating the new one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use cap_fs_ext::DirExt;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions};
 use chunk_store::Hash;
+use chunk_store::indexer::{self, KnownFile};
 use chunk_store::manifest::{self, ChangeKind, ChunkEntry, Diff, EntryMeta, Mtime, NodeSource};
 use chunk_store::store::Store;
 
@@ -56,7 +59,61 @@ type Result<T> = std::result::Result<T, MaterializeError>;
 /// source on a mismatch.
 pub trait ChunkSource {
     /// The bytes of `chunk`, or `None` if this source does not have it.
-    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>>;
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Bytes>>;
+
+    /// Whether this source hands out only chunks it has verified against
+    /// their hash already (the materializer then does not hash them again).
+    fn verified(&self) -> bool {
+        false
+    }
+}
+
+/// Chunks written to files this node is still receiving (or received since
+/// the last index update): the open handle keeps reading the same inode
+/// after the rename, so peers and later files can be served from it before
+/// the index knows the file. Cleared once the directory is indexed again.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    chunks: Mutex<HashMap<Hash, Written>>,
+}
+
+/// Where a chunk was written: the file (by handle), offset and length.
+type Written = (Arc<std::fs::File>, u64, u32);
+
+impl InFlight {
+    fn add(&self, hash: Hash, file: &Arc<std::fs::File>, offset: u64, len: u32) {
+        self.chunks
+            .lock()
+            .unwrap()
+            .entry(hash)
+            .or_insert_with(|| (file.clone(), offset, len));
+    }
+
+    /// Forgets everything (the index now records these files).
+    pub fn clear(&self) {
+        self.chunks.lock().unwrap().clear();
+    }
+
+    /// The verified bytes of a chunk written here, if any.
+    pub fn read_hash(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let Some((file, offset, len)) = self.chunks.lock().unwrap().get(hash).cloned() else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok((Hash::of(&buf) == *hash).then_some(buf))
+    }
+}
+
+impl ChunkSource for InFlight {
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Bytes>> {
+        Ok(self.read_hash(&chunk.hash)?.map(Bytes::from))
+    }
+
+    fn verified(&self) -> bool {
+        true // read_hash checks
+    }
 }
 
 /// Chunks already on this node, read from the files the index says hold
@@ -71,6 +128,9 @@ pub struct LocalChunks<'a> {
     /// replaced since it was opened keeps its old content on this handle,
     /// which is exactly what its recorded locations describe.
     open: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<std::fs::File>>>,
+    /// Check each chunk read against its hash (skipped when serving peers,
+    /// who verify everything they receive anyway).
+    verify: bool,
 }
 
 /// Open files kept per [`LocalChunks`].
@@ -82,6 +142,17 @@ impl<'a> LocalChunks<'a> {
             store,
             roots,
             open: Default::default(),
+            verify: true,
+        }
+    }
+
+    /// For serving peers: reads without hashing. A stale location (a file
+    /// changed since it was indexed) then yields wrong bytes, which the
+    /// peer's verification rejects; the source's own rescan follows.
+    pub fn for_serving(store: &'a Store, roots: Vec<(String, PathBuf)>) -> LocalChunks<'a> {
+        LocalChunks {
+            verify: false,
+            ..LocalChunks::new(store, roots)
         }
     }
 
@@ -98,8 +169,9 @@ impl<'a> LocalChunks<'a> {
         Some(f)
     }
 
-    /// The verified bytes of the chunk with this hash, its length taken
-    /// from the index (peers ask by hash alone).
+    /// The bytes of the chunk with this hash (verified unless built with
+    /// [`LocalChunks::for_serving`]), its length taken from the index
+    /// (peers ask by hash alone).
     pub fn read_hash(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
         let locations = self.store.chunk_locations(hash).map_err(io::Error::other)?;
@@ -111,7 +183,9 @@ impl<'a> LocalChunks<'a> {
                 continue;
             };
             let mut buf = vec![0u8; loc.len as usize];
-            if file.read_exact_at(&mut buf, loc.offset).is_ok() && Hash::of(&buf) == *hash {
+            if file.read_exact_at(&mut buf, loc.offset).is_ok()
+                && (!self.verify || Hash::of(&buf) == *hash)
+            {
                 return Ok(Some(buf));
             }
         }
@@ -120,10 +194,15 @@ impl<'a> LocalChunks<'a> {
 }
 
 impl ChunkSource for LocalChunks<'_> {
-    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Bytes>> {
         Ok(self
             .read_hash(&chunk.hash)?
-            .filter(|b| b.len() == chunk.len as usize))
+            .filter(|b| b.len() == chunk.len as usize)
+            .map(Bytes::from))
+    }
+
+    fn verified(&self) -> bool {
+        self.verify
     }
 }
 
@@ -137,15 +216,25 @@ pub struct Report {
     pub removed: u64,
     /// Chunks that failed BLAKE3 verification (from any source).
     pub corrupt_chunks: u64,
+    /// The files written, with their chunks, for the index to record
+    /// without reading them again (see [`indexer::ScanOptions::known`]).
+    pub known: HashMap<String, KnownFile>,
+    known_chunks: usize,
 }
 
+/// Beyond this many chunks in one apply, files are indexed by reading them
+/// (bounds the memory of the hints: 36 bytes a chunk).
+const MAX_KNOWN_CHUNKS: usize = 4 << 20;
+
 /// Applies `diff` (local → remote) under `root`. `remote` supplies the
-/// recipes of new files; `sources` are asked for each chunk in order.
+/// recipes of new files; `sources` are asked for each chunk in order; every
+/// chunk written is registered in `in_flight`.
 pub fn apply(
     root: &Path,
     diff: &Diff,
     remote: &dyn NodeSource,
     sources: &[&dyn ChunkSource],
+    in_flight: &InFlight,
 ) -> Result<Report> {
     let io_err = |source| MaterializeError::Io {
         path: root.to_path_buf(),
@@ -211,6 +300,7 @@ pub fn apply(
                     *mode,
                     *mtime,
                     sources,
+                    in_flight,
                     &mut report,
                 )?;
                 report.files_written += 1;
@@ -386,6 +476,7 @@ fn write_file(
     mode: u32,
     mtime: Mtime,
     sources: &[&dyn ChunkSource],
+    in_flight: &InFlight,
     report: &mut Report,
 ) -> Result<u64> {
     let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
@@ -397,28 +488,48 @@ fn write_file(
     }
     let tmp = temp_name(name);
     let file = parent
-        .open_with(&tmp, OpenOptions::new().write(true).create_new(true))
+        .open_with(
+            &tmp,
+            OpenOptions::new().read(true).write(true).create_new(true),
+        )
         .map_err(|e| path_io(path, e))?;
-    let mut file = file.into_std();
+    let file = Arc::new(file.into_std());
     let result = (|| {
-        let mut out = io::BufWriter::with_capacity(1 << 20, &mut file);
+        // Unbuffered: a chunk is on the file (page cache) once written, so
+        // peers can be served from it while the rest is still arriving.
+        let mut offset = 0;
         for c in chunks {
             let bytes = fetch_verified(c, path, sources, report)?;
-            out.write_all(&bytes).map_err(|e| path_io(path, e))?;
+            (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;
+            in_flight.add(c.hash, &file, offset, c.len);
+            offset += u64::from(c.len);
         }
-        out.flush().map_err(|e| path_io(path, e))?;
-        drop(out);
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| path_io(path, e))?;
         file.set_times(std::fs::FileTimes::new().set_modified(system_time(mtime)))
             .map_err(|e| path_io(path, e))?;
         // Data and metadata on disk before the rename makes them visible.
         file.sync_all().map_err(|e| path_io(path, e))?;
+        let m = file.metadata().map_err(|e| path_io(path, e))?;
         parent
             .rename(&tmp, parent, name)
             .map_err(|e| path_io(path, e))?;
         // The rename itself on disk.
-        sync_dir(parent, path)
+        sync_dir(parent, path)?;
+        if report.known_chunks + chunks.len() <= MAX_KNOWN_CHUNKS {
+            report.known_chunks += chunks.len();
+            report.known.insert(
+                path.to_string(),
+                KnownFile {
+                    size,
+                    mtime: indexer::mtime_of(&m),
+                    inode: m.ino(),
+                    dev: m.dev(),
+                    chunks: chunks.to_vec(),
+                },
+            );
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = parent.remove_file(&tmp);
@@ -431,10 +542,13 @@ fn fetch_verified(
     path: &str,
     sources: &[&dyn ChunkSource],
     report: &mut Report,
-) -> Result<Vec<u8>> {
+) -> Result<Bytes> {
     for s in sources {
         match s.read_chunk(c) {
-            Ok(Some(bytes)) if bytes.len() == c.len as usize && Hash::of(&bytes) == c.hash => {
+            Ok(Some(bytes))
+                if bytes.len() == c.len as usize
+                    && (s.verified() || Hash::of(&bytes) == c.hash) =>
+            {
                 return Ok(bytes);
             }
             Ok(Some(_)) => {

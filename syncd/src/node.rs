@@ -27,8 +27,11 @@ use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, Mode};
-use crate::materialize::{self, ChunkSource, LocalChunks};
-use crate::peer::{MAX_MESSAGE_BYTES, PeerService, RemoteChunks, RemotePeer};
+use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
+use crate::materialize::{self, InFlight, LocalChunks};
+use crate::peer::{MAX_MESSAGE_BYTES, PeerChunks, PeerService, RemotePeer};
+use crate::topology::PeerClass;
+use rand::seq::SliceRandom as _;
 
 /// How often holdings are exchanged with every known peer (a change is also
 /// pushed at once).
@@ -41,6 +44,8 @@ const DEAD_AFTER: u32 = 3;
 const REPLICA_TICK: Duration = Duration::from_secs(1);
 /// Debounce of file system events before a rescan.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Most peers one transfer fetches from at once.
+const MAX_SOURCES: usize = 4;
 
 /// One synced directory on this node.
 #[derive(Debug)]
@@ -51,13 +56,28 @@ pub struct DirState {
     pub rescan_interval: Duration,
     /// The version this node holds and advertises.
     pub current: Mutex<Option<pb::DirVersion>>,
+    /// The version being received, advertised so peers can fetch the
+    /// chunks already written.
+    pub pulling: Mutex<Option<pb::DirVersion>>,
 }
 
 #[derive(Debug, Clone)]
 struct PeerState {
     address: String,
+    labels: BTreeMap<String, String>,
     holdings: HashMap<String, pb::DirVersion>,
+    pulling: HashMap<String, pb::DirVersion>,
     failures: u32,
+}
+
+/// A peer to fetch a version from.
+#[derive(Debug, Clone)]
+struct Holder {
+    id: String,
+    address: String,
+    class: PeerClass,
+    /// Only part of the version (it is receiving it too).
+    partial: bool,
 }
 
 #[derive(Debug)]
@@ -78,6 +98,8 @@ pub struct Node {
     published: Notify,
     /// A peer announced something: replica loops look now.
     learned: Notify,
+    /// Chunks of files being received (served to peers before indexing).
+    pub in_flight: InFlight,
 }
 
 impl Node {
@@ -105,12 +127,16 @@ impl Node {
     /// What this node tells peers.
     pub fn holdings(&self) -> pb::Holdings {
         let peers = self.peers.lock().unwrap();
+        let dirs = self.dir_list();
         pb::Holdings {
             from: Some(self.member()),
-            dirs: self
-                .dir_list()
+            dirs: dirs
                 .iter()
                 .filter_map(|d| d.current.lock().unwrap().clone())
+                .collect(),
+            pulling: dirs
+                .iter()
+                .filter_map(|d| d.pulling.lock().unwrap().clone())
                 .collect(),
             members: peers
                 .iter()
@@ -133,26 +159,33 @@ impl Node {
         if from.node_id == self.id {
             return Ok(());
         }
-        let mut holdings = HashMap::new();
-        for d in h.dirs {
-            if d.root.len() != 32
-                || d.dir.is_empty()
-                || d.dir.len() > 128
-                || d.publisher.len() > 128
-            {
-                return Err(Status::invalid_argument(format!(
-                    "malformed holding for {:?}",
-                    d.dir
-                )));
+        let by_dir = |list: Vec<pb::DirVersion>| {
+            let mut out = HashMap::new();
+            for d in list {
+                if d.root.len() != 32
+                    || d.dir.is_empty()
+                    || d.dir.len() > 128
+                    || d.publisher.len() > 128
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "malformed holding for {:?}",
+                        d.dir
+                    )));
+                }
+                out.insert(d.dir.clone(), d);
             }
-            holdings.insert(d.dir.clone(), d);
-        }
+            Ok(out)
+        };
+        let holdings = by_dir(h.dirs)?;
+        let pulling = by_dir(h.pulling)?;
         let mut peers = self.peers.lock().unwrap();
         peers.insert(
             from.node_id.clone(),
             PeerState {
                 address: from.address,
+                labels: from.labels.into_iter().collect(),
                 holdings,
+                pulling,
                 failures: 0,
             },
         );
@@ -160,7 +193,9 @@ impl Node {
             if m.node_id != self.id && check_member(&m).is_ok() {
                 peers.entry(m.node_id).or_insert(PeerState {
                     address: m.address,
+                    labels: BTreeMap::new(),
                     holdings: HashMap::new(),
+                    pulling: HashMap::new(),
                     failures: 0,
                 });
             }
@@ -188,8 +223,8 @@ impl Node {
     }
 
     /// The newest version of `dir` among live peers, newer than ours, with
-    /// every live peer that holds it.
-    fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<(String, String)>)> {
+    /// the live peers that hold it (then those receiving it), nearest first.
+    fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<Holder>)> {
         let ours = self
             .dirs
             .read()
@@ -208,16 +243,33 @@ impl Node {
             .filter(|v| v.version > ours)
             .max_by_key(|v| v.version)?
             .clone();
-        let holders = peers
+        let same = |v: Option<&pb::DirVersion>| {
+            v.is_some_and(|v| v.version == best.version && v.root == best.root)
+        };
+        let mut holders: Vec<Holder> = peers
             .iter()
             .filter(|(_, p)| p.failures < DEAD_AFTER)
-            .filter(|(_, p)| {
-                p.holdings
-                    .get(dir)
-                    .is_some_and(|v| v.version == best.version && v.root == best.root)
+            .filter_map(|(id, p)| {
+                let partial = if same(p.holdings.get(dir)) {
+                    false
+                } else if same(p.pulling.get(dir)) {
+                    true
+                } else {
+                    return None;
+                };
+                Some(Holder {
+                    id: id.clone(),
+                    address: p.address.clone(),
+                    class: PeerClass::of(&self.labels, &p.labels),
+                    partial,
+                })
             })
-            .map(|(id, p)| (id.clone(), p.address.clone()))
             .collect();
+        // Full holders before partial ones, nearest first, then a random
+        // order so a fleet does not pile onto the same peer.
+        holders.shuffle(&mut rand::rng());
+        holders.sort_by_key(|h| (h.partial, h.class));
+        holders.truncate(MAX_SOURCES);
         Some((best, holders))
     }
 
@@ -299,6 +351,7 @@ fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
     let _guard = node.index_lock.lock().unwrap();
     let opts = indexer::ScanOptions {
         refuse_emptying: dir.mode == Mode::Source,
+        ..Default::default()
     };
     let report = indexer::scan_with(&node.store, &dir.id, &dir.path, opts)
         .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
@@ -334,7 +387,7 @@ fn pull(
     node: &Node,
     dir: &DirState,
     version: &pb::DirVersion,
-    holders: &[(String, String)],
+    holders: &[Holder],
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let _guard = node.index_lock.lock().unwrap();
@@ -344,9 +397,20 @@ fn pull(
         .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
     let peers: Vec<RemotePeer> = holders
         .iter()
-        .map(|(id, addr)| Ok(RemotePeer::new(id.clone(), node.channel(addr)?, rt.clone())))
+        .map(|h| {
+            Ok(RemotePeer::new(
+                h.id.clone(),
+                node.channel(&h.address)?,
+                rt.clone(),
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
-    let first = peers.first().context("no peer holds the version")?;
+    // The manifest comes from a full holder (the nearest).
+    let (first, _) = peers
+        .iter()
+        .zip(holders)
+        .find(|(_, h)| !h.partial)
+        .context("no peer holds the version")?;
     let store = &node.store;
     let mut probe = store.chunk_probe();
     let diff = manifest::diff(
@@ -359,48 +423,63 @@ fn pull(
     .with_context(|| format!("diff of {:?} against peer {}", dir.id, first.id))?;
     drop(probe);
     let diffed = started.elapsed();
-    let local_chunks = LocalChunks::new(store, node.roots());
-    let remotes: Vec<RemoteChunks<'_>> = peers
-        .iter()
-        .map(|p| RemoteChunks {
-            peer: p,
-            dir: dir.id.clone(),
-            order: diff.missing_chunks.clone(),
-            cache: Default::default(),
-            received: Default::default(),
-        })
-        .collect();
-    let mut sources: Vec<&dyn ChunkSource> = vec![&local_chunks];
-    sources.extend(remotes.iter().map(|r| r as &dyn ChunkSource));
-    let report = materialize::apply(&dir.path, &diff, first, &sources)
+    *dir.pulling.lock().unwrap() = Some(version.clone());
+    node.published.notify_one();
+    let result = (|| {
+        let local_chunks = LocalChunks::new(store, node.roots());
+        let sources: Vec<Arc<dyn ChunkPeer>> = peers
+            .iter()
+            .map(|p| {
+                Arc::new(PeerChunks {
+                    peer: p.clone(),
+                    dir: dir.id.clone(),
+                }) as Arc<dyn ChunkPeer>
+            })
+            .collect();
+        let fetcher = Fetcher::start(rt, &diff.missing_chunks, sources, FetchConfig::default());
+        let report = materialize::apply(
+            &dir.path,
+            &diff,
+            first,
+            &[&local_chunks, &node.in_flight, &fetcher],
+            &node.in_flight,
+        )
         .with_context(|| format!("materializing {:?} version {}", dir.id, version.version))?;
-    let applied = started.elapsed();
-    let after = indexer::scan(store, &dir.id, &dir.path)?;
-    anyhow::ensure!(
-        after.root == remote_root,
-        "after applying version {} of {:?} the root is {}, expected {}",
-        version.version,
-        dir.id,
-        after.root,
-        remote_root
-    );
-    let received: u64 = remotes
-        .iter()
-        .map(|r| r.received.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    tracing::info!(
-        dir = %dir.id,
-        version = version.version,
-        files = report.files_written,
-        bytes = report.bytes_written,
-        removed = report.removed,
-        received_bytes = received,
-        nodes_visited = diff.nodes_visited,
-        diff_s = diffed.as_secs_f64(),
-        apply_s = (applied - diffed).as_secs_f64(),
-        total_s = started.elapsed().as_secs_f64(),
-        "applied version"
-    );
+        let applied = started.elapsed();
+        // Files just written are recorded from what was written, not read
+        // again; anything touched since is read as usual.
+        let opts = indexer::ScanOptions {
+            known: report.known.clone(),
+            ..Default::default()
+        };
+        let after = indexer::scan_with(store, &dir.id, &dir.path, opts)?;
+        anyhow::ensure!(
+            after.root == remote_root,
+            "after applying version {} of {:?} the root is {}, expected {}",
+            version.version,
+            dir.id,
+            after.root,
+            remote_root
+        );
+        tracing::info!(
+            dir = %dir.id,
+            version = version.version,
+            files = report.files_written,
+            bytes = report.bytes_written,
+            removed = report.removed,
+            received_bytes = fetcher.received(),
+            from = ?fetcher.received_by_peer(),
+            nodes_visited = diff.nodes_visited,
+            diff_s = diffed.as_secs_f64(),
+            apply_s = (applied - diffed).as_secs_f64(),
+            total_s = started.elapsed().as_secs_f64(),
+            "applied version"
+        );
+        anyhow::Ok(())
+    })();
+    *dir.pulling.lock().unwrap() = None;
+    node.in_flight.clear();
+    result?;
     *dir.current.lock().unwrap() = Some(version.clone());
     Ok(())
 }
@@ -428,6 +507,7 @@ pub async fn run(
         index_lock: Mutex::new(()),
         published: Notify::new(),
         learned: Notify::new(),
+        in_flight: InFlight::default(),
     });
 
     // Replicas start from what they hold on disk: their last applied
@@ -505,6 +585,7 @@ async fn prepare_dir(
         mode: *d.mode.get_ref(),
         rescan_interval: d.rescan_interval,
         current: Mutex::new(None),
+        pulling: Mutex::new(None),
     });
     let (n, d2) = (node.clone(), dir.clone());
     // A directory that cannot be scanned (missing, unmounted) is an error

@@ -6,10 +6,12 @@
 //! per call, hash lengths, names, response sizes (see PROTOCOL.md).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chunk_store::manifest::{ChunkEntry, NodeSource};
+use chunk_store::manifest::NodeSource;
 use chunk_store::{Error as StoreError, Hash};
 use sync_proto::pb;
 use sync_proto::pb::peer_client::PeerClient;
@@ -17,7 +19,8 @@ use tokio::runtime::Handle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::materialize::{ChunkSource, LocalChunks};
+use crate::fetch::{ChunkPeer, FetchResult};
+use crate::materialize::LocalChunks;
 use crate::node::Node;
 
 /// Most node ids or chunk hashes one request may name.
@@ -118,11 +121,20 @@ impl pb::peer_server::Peer for PeerService {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let node = self.node.clone();
         tokio::task::spawn_blocking(move || {
-            let local = LocalChunks::new(&node.store, node.roots());
+            let local = LocalChunks::for_serving(&node.store, node.roots());
             let mut batch = pb::ChunkBatch::default();
             let mut size = 0;
             for h in hashes {
-                let data = local.read_hash(&h).ok().flatten().unwrap_or_default();
+                // Indexed files first, then files still being received.
+                let data = match local.read_hash(&h) {
+                    Ok(Some(d)) => d,
+                    _ => node
+                        .in_flight
+                        .read_hash(&h)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                };
                 size += data.len();
                 batch.chunks.push(pb::Chunk {
                     hash: h.as_bytes().to_vec(),
@@ -162,31 +174,66 @@ impl RemotePeer {
         RemotePeer { id, client, rt }
     }
 
-    /// Fetches chunks by hash; returns those the peer had, verified.
-    pub fn fetch_chunks(&self, dir: &str, hashes: &[Hash]) -> Result<HashMap<Hash, Bytes>, Status> {
-        let mut client = self.client.clone();
+    /// Fetches chunks by hash; returns those the peer had, verified
+    /// (on the runtime's threads, off the materializer's).
+    pub async fn fetch_chunks(
+        mut client: PeerClient<Channel>,
+        peer: String,
+        dir: String,
+        hashes: Vec<Hash>,
+    ) -> Result<HashMap<Hash, Bytes>, Status> {
         let req = pb::GetChunksRequest {
-            dir: dir.to_string(),
+            dir,
             hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
         };
-        self.rt.block_on(async move {
-            let mut stream = client.get_chunks(req).await?.into_inner();
-            let mut out = HashMap::new();
-            while let Some(batch) = stream.message().await? {
-                for c in batch.chunks {
-                    if c.data.is_empty() {
-                        continue;
-                    }
-                    let h = hash_of(&c.hash)?;
-                    // Verify before keeping: the hash is the proof.
-                    if Hash::of(&c.data) == h {
-                        out.insert(h, c.data);
-                    } else {
-                        tracing::warn!(peer = %self.id, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
-                    }
+        let asked: std::collections::HashSet<Hash> = hashes.into_iter().collect();
+        let mut stream = client.get_chunks(req).await?.into_inner();
+        let mut out = HashMap::new();
+        while let Some(batch) = stream.message().await? {
+            for c in batch.chunks {
+                if c.data.is_empty() {
+                    continue;
+                }
+                let h = hash_of(&c.hash)?;
+                if !asked.contains(&h) {
+                    return Err(Status::invalid_argument(format!(
+                        "peer {peer} sent chunk {h} that was not asked for"
+                    )));
+                }
+                // Verify before keeping: the hash is the proof.
+                if Hash::of(&c.data) == h {
+                    out.insert(h, c.data);
+                } else {
+                    tracing::warn!(peer = %peer, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
                 }
             }
-            Ok(out)
+        }
+        Ok(out)
+    }
+}
+
+/// A peer as a chunk source for one directory's transfer.
+#[derive(Debug, Clone)]
+pub struct PeerChunks {
+    pub peer: RemotePeer,
+    pub dir: String,
+}
+
+impl ChunkPeer for PeerChunks {
+    fn name(&self) -> &str {
+        &self.peer.id
+    }
+
+    fn fetch(&self, hashes: Vec<Hash>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
+        let (client, id, dir) = (
+            self.peer.client.clone(),
+            self.peer.id.clone(),
+            self.dir.clone(),
+        );
+        Box::pin(async move {
+            RemotePeer::fetch_chunks(client, id, dir, hashes)
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
         })
     }
 }
@@ -215,53 +262,5 @@ impl NodeSource for RemotePeer {
 
     fn origin(&self) -> chunk_store::Origin {
         chunk_store::Origin::Remote
-    }
-}
-
-/// Chunks from a peer, fetched ahead in batches in the order the
-/// materializer will ask for them (the diff's missing list), so memory stays
-/// bounded by one batch and round trips are few.
-#[derive(Debug)]
-pub struct RemoteChunks<'a> {
-    pub peer: &'a RemotePeer,
-    pub dir: String,
-    /// The diff's missing chunks, in recipe order.
-    pub order: Vec<ChunkEntry>,
-    pub cache: std::sync::Mutex<(usize, HashMap<Hash, Bytes>)>,
-    /// Bytes received from the peer (verified chunks).
-    pub received: std::sync::atomic::AtomicU64,
-}
-
-impl ChunkSource for RemoteChunks<'_> {
-    fn read_chunk(&self, chunk: &ChunkEntry) -> std::io::Result<Option<Vec<u8>>> {
-        let mut guard = self.cache.lock().unwrap();
-        if let Some(b) = guard.1.remove(&chunk.hash) {
-            return Ok(Some(b.to_vec()));
-        }
-        // Fetch the next window of the missing list starting at this chunk.
-        let start = self
-            .order
-            .iter()
-            .position(|c| c.hash == chunk.hash)
-            .unwrap_or(guard.0);
-        let mut want = vec![chunk.hash];
-        let mut bytes = chunk.len as usize;
-        for c in self.order.iter().skip(start + 1) {
-            if want.len() >= MAX_CHUNKS_PER_CALL || bytes + c.len as usize > 16 << 20 {
-                break;
-            }
-            want.push(c.hash);
-            bytes += c.len as usize;
-        }
-        let got = self
-            .peer
-            .fetch_chunks(&self.dir, &want)
-            .map_err(std::io::Error::other)?;
-        let n: usize = got.values().map(Bytes::len).sum();
-        self.received
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        guard.0 = start + want.len();
-        guard.1 = got;
-        Ok(guard.1.remove(&chunk.hash).map(|b| b.to_vec()))
     }
 }

@@ -355,6 +355,7 @@ fn an_emptied_root_is_refused_when_asked() {
     }
     let opts = ScanOptions {
         refuse_emptying: true,
+        ..Default::default()
     };
     let err = scan_with(&f.store, "d", &f.root, opts).unwrap_err();
     assert!(err.to_string().contains("refusing to publish"), "{err}");
@@ -365,4 +366,88 @@ fn an_emptied_root_is_refused_when_asked() {
     // Without the option (a replica applying a real deletion) it goes through.
     let r = scan(&f.store, "d", &f.root).unwrap();
     assert_eq!((r.files, r.version), (0, 2));
+}
+
+/// The root a scan of the same tree into an empty index gives.
+fn fresh_root(f: &Fixture) -> Hash {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(state.path(), ChunkerConfig::default()).unwrap();
+    scan(&store, "d", &f.root).unwrap().root
+}
+
+fn hint_for(path: &Path, data: &[u8]) -> KnownFile {
+    let m = fs::metadata(path).unwrap();
+    KnownFile {
+        size: m.len(),
+        mtime: mtime_of(&m),
+        inode: m.ino(),
+        dev: m.dev(),
+        chunks: chunk_bytes(&ChunkerConfig::default(), data)
+            .into_iter()
+            .map(|c| ChunkEntry {
+                hash: c.hash,
+                len: c.len,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_matching_hint_records_the_file_without_reading_it() {
+    let f = fixture();
+    sample_tree(&f.root);
+    scan(&f.store, "d", &f.root).unwrap();
+    let data = random(3 << 20, 9);
+    write(&f.root, "sub/new.bin", &data);
+    let known = HashMap::from([(
+        "sub/new.bin".to_string(),
+        hint_for(&f.root.join("sub/new.bin"), &data),
+    )]);
+    let r = scan_with(
+        &f.store,
+        "d",
+        &f.root,
+        ScanOptions {
+            known,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((r.files_read, r.bytes_read), (0, 0), "the hint was used");
+    f.store.check("d").unwrap();
+    // The same root and chunk locations a reading scan gives.
+    assert_eq!(fresh_root(&f), r.root);
+    let first = chunk_bytes(&ChunkerConfig::default(), &data)[1];
+    let loc = &f.store.chunk_locations(&first.hash).unwrap()[0];
+    assert_eq!(
+        (loc.path.as_str(), loc.offset),
+        ("sub/new.bin", first.offset)
+    );
+}
+
+#[test]
+fn a_stale_hint_is_ignored_and_the_file_read() {
+    let f = fixture();
+    sample_tree(&f.root);
+    let data = random(1 << 20, 10);
+    write(&f.root, "x.bin", &data);
+    let hint = hint_for(&f.root.join("x.bin"), &data);
+    // Changed after the hint was taken (a local edit racing the sync).
+    let mut edited = data.clone();
+    edited[100] ^= 1;
+    write(&f.root, "x.bin", &edited);
+    set_mtime(&f.root.join("x.bin"), 1_000_000);
+    let known = HashMap::from([("x.bin".to_string(), hint)]);
+    let r = scan_with(
+        &f.store,
+        "d",
+        &f.root,
+        ScanOptions {
+            known,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.files_read, 5, "x.bin and the sample files were read");
+    assert_eq!(fresh_root(&f), r.root);
 }

@@ -53,7 +53,7 @@ struct Counting<'a> {
 }
 
 impl ChunkSource for Counting<'_> {
-    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Bytes>> {
         let r = self.inner.read_chunk(c)?;
         if let Some(b) = &r {
             self.bytes.set(self.bytes.get() + b.len() as u64);
@@ -73,7 +73,14 @@ fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
         inner: &remote,
         bytes: Cell::new(0),
     };
-    let report = apply(&dst.root, &diff, &src.store, &[&local, &remote]).unwrap();
+    let report = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&local, &remote],
+        &InFlight::default(),
+    )
+    .unwrap();
     let after = scan(&dst.store, "www", &dst.root).unwrap();
     let want = scan(&src.store, "www", &src.root).unwrap();
     assert_eq!(
@@ -186,7 +193,14 @@ fn writes_never_go_through_a_symlink() {
         symlink(&outside, dst.root.join("sub")).unwrap();
     });
     let remote = chunks_of(&src);
-    let err = apply(&dst.root, &diff, &src.store, &[&remote]).unwrap_err();
+    let err = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&remote],
+        &InFlight::default(),
+    )
+    .unwrap_err();
     assert!(
         matches!(err, MaterializeError::ThroughSymlink { .. }),
         "{err}"
@@ -201,7 +215,7 @@ fn writes_never_go_through_a_symlink() {
 
 struct Fixed(Vec<u8>);
 impl ChunkSource for Fixed {
-    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Bytes>> {
         Ok(Some(
             self.0
                 .iter()
@@ -223,7 +237,7 @@ fn corrupt_chunks_are_never_written() {
     let diff = scan_and_diff(&src, &dst, || {});
     let liar = Fixed(b"garbage".to_vec());
     // Only a lying source: the old file stays, no temp file remains.
-    let err = apply(&dst.root, &diff, &src.store, &[&liar]).unwrap_err();
+    let err = apply(&dst.root, &diff, &src.store, &[&liar], &InFlight::default()).unwrap_err();
     assert!(
         matches!(err, MaterializeError::ChunkUnavailable { .. }),
         "{err}"
@@ -232,7 +246,14 @@ fn corrupt_chunks_are_never_written() {
     assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 1);
     // A lying source first, an honest one second: correct bytes, lies counted.
     let honest = chunks_of(&src);
-    let report = apply(&dst.root, &diff, &src.store, &[&liar, &honest]).unwrap();
+    let report = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&liar, &honest],
+        &InFlight::default(),
+    )
+    .unwrap();
     assert!(report.corrupt_chunks >= 1);
     assert_eq!(
         fs::read(dst.root.join("f")).unwrap(),
@@ -251,4 +272,87 @@ fn bad_paths_are_rejected_before_any_io() {
             "{p}: {err}"
         );
     }
+}
+
+/// Records, for every chunk it serves after the first, whether the chunk
+/// before it could already be read back from the file being written.
+struct Watching<'a> {
+    inner: LocalChunks<'a>,
+    in_flight: &'a InFlight,
+    previous: Cell<Option<Hash>>,
+    served_early: Cell<u32>,
+}
+
+impl ChunkSource for Watching<'_> {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Bytes>> {
+        if let Some(p) = self.previous.get()
+            && self.in_flight.read_hash(&p)?.is_some()
+        {
+            self.served_early.set(self.served_early.get() + 1);
+        }
+        self.previous.set(Some(c.hash));
+        self.inner.read_chunk(c)
+    }
+}
+
+#[test]
+fn chunks_of_a_file_still_being_written_can_be_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    let data = pseudo_random(4 << 20, 21);
+    write(&src.root, "big", &data);
+    let diff = scan_and_diff(&src, &dst, || {});
+    let n = diff.missing_chunks.len() as u32;
+    assert!(n > 20, "{n} chunks");
+    let in_flight = InFlight::default();
+    let watching = Watching {
+        inner: chunks_of(&src),
+        in_flight: &in_flight,
+        previous: Cell::new(None),
+        served_early: Cell::new(0),
+    };
+    let report = apply(&dst.root, &diff, &src.store, &[&watching], &in_flight).unwrap();
+    // Each chunk was readable as soon as it was written, before the file
+    // was complete or renamed into place.
+    assert_eq!(watching.served_early.get(), n - 1);
+    // After the rename, from the same handle, until the index takes over.
+    let last = diff.missing_chunks.last().unwrap();
+    assert_eq!(
+        in_flight.read_hash(&last.hash).unwrap().unwrap().len(),
+        last.len as usize
+    );
+    // The report carries what the index needs to skip reading the file.
+    let known = &report.known["big"];
+    assert_eq!(known.size, data.len() as u64);
+    assert_eq!(known.chunks.len() as u32, n);
+    in_flight.clear();
+    assert!(in_flight.read_hash(&last.hash).unwrap().is_none());
+}
+
+#[test]
+fn the_index_records_written_files_from_the_report_without_reading_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    write(&src.root, "a/big", &pseudo_random(3 << 20, 22));
+    write(&src.root, "small", b"hello");
+    let diff = scan_and_diff(&src, &dst, || {});
+    let remote = chunks_of(&src);
+    let report = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&remote],
+        &InFlight::default(),
+    )
+    .unwrap();
+    let opts = indexer::ScanOptions {
+        known: report.known,
+        ..Default::default()
+    };
+    let r = indexer::scan_with(&dst.store, "www", &dst.root, opts).unwrap();
+    assert_eq!(r.files_read, 0);
+    assert_eq!(r.root, scan(&src.store, "www", &src.root).unwrap().root);
+    dst.store.check("www").unwrap();
 }
