@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .bytes(".syncd.v1.Chunk.data")
         .bytes(".syncd.v1.NodeBlob.data")
+        .bytes(".syncd.v1.SwimPacket.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -10,7 +10,8 @@
 //!   index, with a human or JSON report.
 //! - [`materialize`]: applies a manifest diff to a synced root: atomic
 //!   writes, every chunk verified, confined to the root by the kernel.
-//! - [`node`]: `syncd run`: holdings, membership learned by exchange, the
+//! - [`membership`]: SWIM (foca) over the peer channel: who is alive.
+//! - [`node`]: `syncd run`: holdings exchanged with live members, the
 //!   per-directory loops (watch, rescan, publish; or pull and apply).
 //! - [`peer`]: the gRPC peer service and its client side (a peer as a
 //!   manifest-node source and a chunk source).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod fetch;
 pub mod index;
 pub mod materialize;
+pub mod membership;
 pub mod node;
 pub mod peer;
 pub mod topology;

@@ -7,9 +7,9 @@
 //!     peer with the newest version ──> materialize ──> rescan ──> advertise
 //! ```
 //!
-//! Membership is learned from the bootstrap peers' Exchange answers (each
-//! lists the members it knows); a peer whose calls keep failing is skipped
-//! until it answers again.
+//! Membership and liveness come from SWIM ([`crate::membership`], foca over
+//! the peer channel), joined through the bootstrap addresses; holdings are
+//! exchanged with every live member.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -29,6 +29,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::{Config, Mode};
 use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
 use crate::materialize::{self, InFlight, LocalChunks};
+use crate::membership::{Ident, Liveness, Members, Swim};
 use crate::peer::{MAX_MESSAGE_BYTES, PeerChunks, PeerService, RemotePeer};
 use crate::topology::PeerClass;
 use rand::seq::SliceRandom as _;
@@ -38,8 +39,6 @@ use rand::seq::SliceRandom as _;
 const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 /// A peer call that takes longer is a failure.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-/// After this many failed exchanges in a row a peer is not used as a source.
-const DEAD_AFTER: u32 = 3;
 /// Replica loops look for newer versions at least this often.
 const REPLICA_TICK: Duration = Duration::from_secs(1);
 /// Debounce of file system events before a rescan.
@@ -67,7 +66,20 @@ struct PeerState {
     labels: BTreeMap<String, String>,
     holdings: HashMap<String, pb::DirVersion>,
     pulling: HashMap<String, pb::DirVersion>,
-    failures: u32,
+    /// From SWIM; a peer first heard of through Exchange starts alive.
+    state: Liveness,
+}
+
+impl PeerState {
+    fn new(address: String) -> PeerState {
+        PeerState {
+            address,
+            labels: BTreeMap::new(),
+            holdings: HashMap::new(),
+            pulling: HashMap::new(),
+            state: Liveness::Alive,
+        }
+    }
 }
 
 /// A peer to fetch a version from.
@@ -100,6 +112,39 @@ pub struct Node {
     learned: Notify,
     /// Chunks of files being received (served to peers before indexing).
     pub in_flight: InFlight,
+    /// Membership and failure detection, started once the node exists.
+    pub swim: std::sync::OnceLock<Swim>,
+}
+
+impl Members for Node {
+    fn member(&self, id: &Ident, state: Liveness) {
+        if id.node_id == self.id {
+            return;
+        }
+        let m = pb::Member {
+            node_id: id.node_id.clone(),
+            address: id.address.clone(),
+            labels: Default::default(),
+        };
+        if let Err(e) = check_member(&m) {
+            tracing::debug!(error = %e, "ignoring a SWIM member with a malformed identity");
+            return;
+        }
+        let mut peers = self.peers.lock().unwrap();
+        let p = peers
+            .entry(id.node_id.clone())
+            .or_insert_with(|| PeerState::new(id.address.clone()));
+        p.address = id.address.clone();
+        p.state = state;
+        drop(peers);
+        if state != Liveness::Down {
+            self.learned.notify_waiters();
+        }
+    }
+
+    fn channel(&self, address: &str) -> Option<Channel> {
+        Node::channel(self, address).ok()
+    }
 }
 
 impl Node {
@@ -126,7 +171,6 @@ impl Node {
 
     /// What this node tells peers.
     pub fn holdings(&self) -> pb::Holdings {
-        let peers = self.peers.lock().unwrap();
         let dirs = self.dir_list();
         pb::Holdings {
             from: Some(self.member()),
@@ -138,19 +182,10 @@ impl Node {
                 .iter()
                 .filter_map(|d| d.pulling.lock().unwrap().clone())
                 .collect(),
-            members: peers
-                .iter()
-                .filter(|(_, p)| p.failures < DEAD_AFTER)
-                .map(|(id, p)| pb::Member {
-                    node_id: id.clone(),
-                    address: p.address.clone(),
-                    labels: Default::default(),
-                })
-                .collect(),
         }
     }
 
-    /// Takes in a peer's holdings (validated) and the members it knows.
+    /// Takes in a peer's holdings (validated).
     pub fn learn(&self, h: pb::Holdings) -> Result<(), Status> {
         let from = h
             .from
@@ -179,27 +214,13 @@ impl Node {
         let holdings = by_dir(h.dirs)?;
         let pulling = by_dir(h.pulling)?;
         let mut peers = self.peers.lock().unwrap();
-        peers.insert(
-            from.node_id.clone(),
-            PeerState {
-                address: from.address,
-                labels: from.labels.into_iter().collect(),
-                holdings,
-                pulling,
-                failures: 0,
-            },
-        );
-        for m in h.members {
-            if m.node_id != self.id && check_member(&m).is_ok() {
-                peers.entry(m.node_id).or_insert(PeerState {
-                    address: m.address,
-                    labels: BTreeMap::new(),
-                    holdings: HashMap::new(),
-                    pulling: HashMap::new(),
-                    failures: 0,
-                });
-            }
-        }
+        let p = peers
+            .entry(from.node_id.clone())
+            .or_insert_with(|| PeerState::new(from.address.clone()));
+        p.address = from.address;
+        p.labels = from.labels.into_iter().collect();
+        p.holdings = holdings;
+        p.pulling = pulling;
         drop(peers);
         self.learned.notify_waiters();
         Ok(())
@@ -238,7 +259,7 @@ impl Node {
         let peers = self.peers.lock().unwrap();
         let best = peers
             .values()
-            .filter(|p| p.failures < DEAD_AFTER)
+            .filter(|p| p.state != Liveness::Down)
             .filter_map(|p| p.holdings.get(dir))
             .filter(|v| v.version > ours)
             .max_by_key(|v| v.version)?
@@ -248,7 +269,7 @@ impl Node {
         };
         let mut holders: Vec<Holder> = peers
             .iter()
-            .filter(|(_, p)| p.failures < DEAD_AFTER)
+            .filter(|(_, p)| p.state != Liveness::Down)
             .filter_map(|(id, p)| {
                 let partial = if same(p.holdings.get(dir)) {
                     false
@@ -275,21 +296,22 @@ impl Node {
 
     /// One exchange with every known peer and bootstrap address.
     async fn gossip_round(self: &Arc<Self>) {
-        let mut targets: Vec<(Option<String>, String)> = self
+        let mut targets: Vec<String> = self
             .peers
             .lock()
             .unwrap()
-            .iter()
-            .map(|(id, p)| (Some(id.clone()), p.address.clone()))
+            .values()
+            .filter(|p| p.state != Liveness::Down)
+            .map(|p| p.address.clone())
             .collect();
         for b in &self.bootstrap {
-            if !targets.iter().any(|(_, a)| a == b) {
-                targets.push((None, b.clone()));
+            if !targets.contains(b) && *b != self.address {
+                targets.push(b.clone());
             }
         }
         let mine = self.holdings();
         let mut calls = tokio::task::JoinSet::new();
-        for (id, address) in targets {
+        for address in targets {
             let node = self.clone();
             let req = mine.clone();
             calls.spawn(async move {
@@ -306,17 +328,8 @@ impl Node {
                             tracing::warn!(peer = %address, error = %e, "peer sent invalid holdings");
                         }
                     }
-                    Err(e) => {
-                        if let Some(id) = id
-                            && let Some(p) = node.peers.lock().unwrap().get_mut(&id)
-                        {
-                            p.failures += 1;
-                            if p.failures == DEAD_AFTER {
-                                tracing::warn!(peer = %id, address = %address, error = %e, "peer unreachable; not used as a source until it answers");
-                            }
-                        }
-                        tracing::debug!(peer = %address, error = %e, "exchange failed");
-                    }
+                    // Liveness is SWIM's call, not one failed exchange's.
+                    Err(e) => tracing::debug!(peer = %address, error = %e, "exchange failed"),
                 }
             });
         }
@@ -508,7 +521,19 @@ pub async fn run(
         published: Notify::new(),
         learned: Notify::new(),
         in_flight: InFlight::default(),
+        swim: std::sync::OnceLock::new(),
     });
+    let me = Ident {
+        address: node.address.clone(),
+        node_id: node.id.clone(),
+        // Larger on every start, so a restarted node replaces its old
+        // identity at once.
+        bump: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64),
+    };
+    let swim = Swim::start(me, node.bootstrap.clone(), node.clone());
+    node.swim.set(swim).expect("set once");
 
     // Replicas start from what they hold on disk: their last applied
     // version is unknown after a restart, so they take whatever is newest.

@@ -31,7 +31,7 @@ pub const MAX_CHUNKS_PER_CALL: usize = 1024;
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Largest message either side decodes.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
-/// Most directories and members one Holdings message may list.
+/// Most directories one Holdings message may list (held, and pulling).
 pub const MAX_HOLDINGS: usize = 4096;
 
 fn hash_of(b: &[u8]) -> Result<Hash, Status> {
@@ -59,11 +59,19 @@ pub struct PeerService {
 impl pb::peer_server::Peer for PeerService {
     async fn exchange(&self, req: Request<pb::Holdings>) -> Result<Response<pb::Holdings>, Status> {
         let h = req.into_inner();
-        if h.dirs.len() > MAX_HOLDINGS || h.members.len() > MAX_HOLDINGS {
-            return Err(Status::invalid_argument("too many directories or members"));
+        if h.dirs.len() > MAX_HOLDINGS || h.pulling.len() > MAX_HOLDINGS {
+            return Err(Status::invalid_argument("too many directories"));
         }
         self.node.learn(h)?;
         Ok(Response::new(self.node.holdings()))
+    }
+
+    async fn swim(&self, req: Request<pb::SwimPacket>) -> Result<Response<pb::SwimAck>, Status> {
+        let data = req.into_inner().data;
+        if let Some(swim) = self.node.swim.get() {
+            swim.packet(data).map_err(Status::invalid_argument)?;
+        }
+        Ok(Response::new(pb::SwimAck {}))
     }
 
     async fn get_nodes(

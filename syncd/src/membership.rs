@@ -1,0 +1,287 @@
+//! Membership and failure detection: SWIM, by the `foca` crate, carried over
+//! the peer gRPC channel (`Peer.Swim`, one packet per call, fire and forget).
+//!
+//! One task owns the `Foca` instance and takes its inputs from a channel:
+//! packets from peers, its own timers, announces to bootstrap addresses,
+//! snapshot requests. After each input it drains foca's runtime: packets go
+//! out as spawned gRPC calls, timers as spawned sleeps that feed back into
+//! the channel, membership changes go to the node.
+//!
+//! Identities are (address, node id, bump). The address is foca's `Addr`:
+//! a node announces to a bootstrap address without knowing who is there,
+//! and a restarted node (a new, larger bump at the same address) replaces
+//! its old identity instead of waiting out its "down" period.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use sync_proto::pb;
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest SWIM packet sent or accepted.
+pub const MAX_PACKET: usize = 32 << 10;
+/// Inputs queued for the SWIM task; beyond this, packets are dropped (as a
+/// datagram would be) rather than buffered without bound.
+const QUEUE: usize = 1024;
+/// With no live member, bootstrap addresses are announced to this often.
+const REANNOUNCE: Duration = Duration::from_secs(1);
+/// A SWIM packet send that takes longer is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A member's identity on the SWIM layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ident {
+    pub address: String,
+    pub node_id: String,
+    /// Grows on every start (milliseconds since the epoch) and on rejoin.
+    pub bump: u64,
+}
+
+impl foca::Identity for Ident {
+    type Addr = String;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Ident {
+            bump: self.bump.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> String {
+        self.address.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.bump > adversary.bump
+    }
+}
+
+/// What SWIM thinks of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Liveness {
+    Alive,
+    /// Failed a probe; treated as alive until declared down.
+    Suspect,
+    Down,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Suspect => "suspect",
+            Liveness::Down => "dead",
+        }
+    }
+}
+
+/// What the SWIM layer reports to the node.
+pub trait Members: Send + Sync + 'static {
+    /// A member's liveness changed (or it was first seen).
+    fn member(&self, id: &Ident, state: Liveness);
+    /// A gRPC channel to `address`, shared with the other peer calls.
+    fn channel(&self, address: &str) -> Option<tonic::transport::Channel>;
+}
+
+enum Input {
+    Packet(Bytes),
+    Timer(Timer<Ident>),
+    Announce(String),
+    Snapshot(oneshot::Sender<Vec<(Ident, Liveness)>>),
+}
+
+/// Handle to the SWIM task.
+#[derive(Debug, Clone)]
+pub struct Swim {
+    tx: mpsc::Sender<Input>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Input::Packet(_) => "Packet",
+            Input::Timer(_) => "Timer",
+            Input::Announce(_) => "Announce",
+            Input::Snapshot(_) => "Snapshot",
+        })
+    }
+}
+
+/// Timings for a fleet on a LAN, over TCP: probe every second, a probe
+/// answered within 500 ms, suspicion becomes "down" after a few periods.
+fn config(expected_members: usize) -> foca::Config {
+    let size = std::num::NonZeroU32::new(expected_members.clamp(2, 1 << 20) as u32)
+        .expect("clamped to at least 2");
+    let mut c = foca::Config::new_lan(size);
+    c.max_packet_size = NonZeroUsize::new(MAX_PACKET).expect("non-zero");
+    c
+}
+
+impl Swim {
+    /// Starts the SWIM task for `me`, announcing to `bootstrap` until some
+    /// member answers.
+    pub fn start(me: Ident, bootstrap: Vec<String>, members: Arc<dyn Members>) -> Swim {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let swim = Swim { tx: tx.clone() };
+        tokio::spawn(run(me, bootstrap, members, tx, rx));
+        swim
+    }
+
+    /// A packet from a peer (dropped when the queue is full).
+    pub fn packet(&self, data: Bytes) -> Result<(), &'static str> {
+        if data.len() > MAX_PACKET {
+            return Err("SWIM packet larger than 32 KiB");
+        }
+        let _ = self.tx.try_send(Input::Packet(data));
+        Ok(())
+    }
+
+    /// Every member SWIM knows, with its state.
+    pub async fn snapshot(&self) -> Vec<(Ident, Liveness)> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Input::Snapshot(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+fn liveness(s: foca::State) -> Liveness {
+    match s {
+        foca::State::Alive => Liveness::Alive,
+        foca::State::Suspect => Liveness::Suspect,
+        foca::State::Down => Liveness::Down,
+    }
+}
+
+async fn run(
+    me: Ident,
+    bootstrap: Vec<String>,
+    members: Arc<dyn Members>,
+    tx: mpsc::Sender<Input>,
+    mut rx: mpsc::Receiver<Input>,
+) {
+    let rng: StdRng = rand::make_rng();
+    let mut foca: Foca<Ident, PostcardCodec, StdRng, NoCustomBroadcast> =
+        Foca::new(me.clone(), config(64), rng, PostcardCodec);
+    let mut rt = foca::AccumulatingRuntime::new();
+    // Suspect is not a foca notification: compare snapshots instead.
+    let mut known: BTreeMap<String, (Ident, Liveness)> = BTreeMap::new();
+    let mut announce = tokio::time::interval(REANNOUNCE);
+    announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let input = tokio::select! {
+            i = rx.recv() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            _ = announce.tick() => {
+                if foca.num_members() == 0 {
+                    for a in &bootstrap {
+                        if *a != me.address {
+                            let _ = tx.try_send(Input::Announce(a.clone()));
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let result = match input {
+            Input::Packet(data) => foca.handle_data(&data, &mut rt),
+            Input::Timer(t) => foca.handle_timer(t, &mut rt),
+            Input::Announce(address) => foca.announce(
+                Ident {
+                    address,
+                    node_id: String::new(),
+                    bump: 0,
+                },
+                &mut rt,
+            ),
+            Input::Snapshot(reply) => {
+                let _ = reply.send(
+                    foca.iter_membership_state()
+                        .map(|m| (m.id().clone(), liveness(m.state())))
+                        .collect(),
+                );
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "SWIM input rejected");
+        }
+        while let Some((to, data)) = rt.to_send() {
+            let Some(channel) = members.channel(&to.address) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut client = pb::peer_client::PeerClient::new(channel);
+                let call = client.swim(pb::SwimPacket { data });
+                if let Ok(Err(e)) = tokio::time::timeout(SEND_TIMEOUT, call).await {
+                    tracing::trace!(to = %to.address, error = %e, "SWIM packet not delivered");
+                }
+            });
+        }
+        while let Some((after, timer)) = rt.to_schedule() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = tx.send(Input::Timer(timer)).await;
+            });
+        }
+        while let Some(n) = rt.to_notify() {
+            match n {
+                OwnedNotification::Defunct => {
+                    tracing::warn!("this node was declared down by the fleet; rejoining")
+                }
+                OwnedNotification::Rejoin(id) => {
+                    tracing::info!(bump = id.bump, "rejoined the fleet under a new identity")
+                }
+                OwnedNotification::Idle => tracing::warn!("no live peer left"),
+                _ => {}
+            }
+        }
+        // Report state changes, including suspicion, which foca does not
+        // notify: compare with the last report after every input (a walk
+        // of the member list; a node handles a few packets a second).
+        for m in foca.iter_membership_state() {
+            let (id, state) = (m.id(), liveness(m.state()));
+            if id.node_id.is_empty() {
+                continue;
+            }
+            let previous = known.insert(id.address.clone(), (id.clone(), state));
+            if previous.as_ref() != Some(&(id.clone(), state)) {
+                tracing::info!(peer = %id.node_id, address = %id.address, state = state.as_str(), "peer state changed");
+                members.member(id, state);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use foca::Identity as _;
+
+    #[test]
+    fn a_restarted_node_wins_over_its_old_identity() {
+        let old = Ident {
+            address: "10.0.0.1:7400".into(),
+            node_id: "web-01".into(),
+            bump: 100,
+        };
+        let new = Ident {
+            bump: 200,
+            ..old.clone()
+        };
+        assert!(new.win_addr_conflict(&old));
+        assert!(!old.win_addr_conflict(&new));
+        assert_eq!(old.addr(), new.addr());
+        assert_eq!(old.renew().unwrap().bump, 101);
+    }
+}
