@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::chunker::chunk_reader;
 use crate::error::Error;
+use crate::ignore::Ignore;
 use crate::manifest::{
     self, ChunkEntry, DirEntry, EntryMeta, MAX_PATH_LEN, MemNodes, Mtime, NodeSink,
 };
@@ -59,7 +60,10 @@ pub struct ScanReport {
     /// Entries left out: special files, non-UTF-8 names, files that kept
     /// changing while read.
     pub skipped: u64,
+    /// Total duration, and the part spent walking the tree (the rest is
+    /// reading, chunking and recording).
     pub seconds: f64,
+    pub walk_seconds: f64,
 }
 
 enum Item {
@@ -131,6 +135,8 @@ pub struct ScanOptions {
     /// and device still match is recorded from its hint instead of being
     /// read again; any mismatch (it changed since) reads it as usual.
     pub known: HashMap<String, KnownFile>,
+    /// Paths neither published nor entered.
+    pub ignore: Ignore,
 }
 
 /// A file the caller wrote and whose content it knows chunk by chunk.
@@ -234,6 +240,7 @@ pub fn scan_with(
         removed: 0,
         skipped: 0,
         seconds: 0.0,
+        walk_seconds: 0.0,
     };
 
     // 1. Walk.
@@ -261,6 +268,13 @@ pub fn scan_with(
                 continue;
             };
             let child_rel = join(&rel, &name);
+            if !opts.ignore.is_empty()
+                && opts
+                    .ignore
+                    .is_ignored(&child_rel, entry.file_type().is_ok_and(|t| t.is_dir()))
+            {
+                continue;
+            }
             if child_rel.len() > MAX_PATH_LEN {
                 tracing::warn!(path = %entry.path().display(), "skipping path longer than {MAX_PATH_LEN} bytes");
                 report.skipped += 1;
@@ -342,6 +356,8 @@ pub fn scan_with(
             }
         }
     }
+
+    report.walk_seconds = started.elapsed().as_secs_f64();
 
     // 2. Chunk what changed, a group at a time, files of a group in parallel.
     let mut results: Vec<Option<FileRecord>> = vec![None; pending.len()];

@@ -20,6 +20,7 @@
 //!   consistency check.
 //! - [`indexer`]: a (re)scan of one synced root, re-reading only files whose
 //!   size, mtime or inode changed, several files in parallel.
+//! - [`ignore`]: a directory's ignore patterns.
 //!
 //! # Example
 //!
@@ -34,6 +35,7 @@
 pub mod chunker;
 mod error;
 mod hash;
+pub mod ignore;
 pub mod indexer;
 pub mod manifest;
 pub mod store;

@@ -139,7 +139,21 @@ pub struct DirFile {
     /// Full rescan interval, the safety net under the watcher.
     #[serde(default = "default_rescan", with = "humantime_serde")]
     pub rescan_interval: Duration,
+    /// Command (argv, no shell) run after a new version is fully in place
+    /// on this node, e.g. `["systemctl", "reload", "nginx"]`.
+    #[serde(default = "spanned_default")]
+    pub on_synced: Spanned<Vec<String>>,
+    /// The hook is killed after this long.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub on_synced_timeout: Duration,
 }
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Most arguments of an `on_synced` command.
+const MAX_HOOK_ARGS: usize = 64;
 
 fn default_rescan() -> Duration {
     Duration::from_secs(3600)
@@ -337,6 +351,27 @@ fn load_dirs(
                 format!("ignore pattern {p:?} is empty or has NUL"),
             ));
         }
+        chunk_store::ignore::Ignore::new(d.ignore.get_ref())
+            .map_err(|e| invalid(d.ignore.span(), e.to_string()))?;
+        let hook = d.on_synced.get_ref();
+        if !hook.is_empty()
+            && (hook[0].is_empty()
+                || hook.len() > MAX_HOOK_ARGS
+                || hook.iter().any(|a| a.contains('\0')))
+        {
+            return Err(invalid(
+                d.on_synced.span(),
+                format!(
+                    "on_synced must name a program and have at most {MAX_HOOK_ARGS} arguments without NUL"
+                ),
+            ));
+        }
+        if d.on_synced_timeout.is_zero() {
+            return Err(invalid(
+                d.on_synced.span(),
+                "on_synced_timeout must be more than 0".into(),
+            ));
+        }
         if state_dir.starts_with(root) || root.starts_with(state_dir) {
             return Err(invalid(
                 d.path.span(),
@@ -450,7 +485,17 @@ ignore = ["*.tmp", ".cache/"]
 
     #[test]
     fn semantic_errors_name_the_line() {
-        let cases: [(&str, &str, &str); 6] = [
+        let cases: [(&str, &str, &str); 8] = [
+            (
+                "ignore = [\"*.tmp\", \".cache/\"]",
+                "ignore = [\"ok\", \"[broken\"]",
+                ":5: ignore pattern \"[broken\"",
+            ),
+            (
+                "mode = \"source\"",
+                "mode = \"source\"\non_synced = [\"\", \"x\"]",
+                ":5: on_synced must name a program",
+            ),
             (
                 "path = \"/srv/www\"",
                 "path = \"srv/www\"",

@@ -152,8 +152,9 @@ struct Shared {
     arrived: Condvar,
     /// Workers wait on this for room ahead or for retries.
     room: tokio::sync::Notify,
-    received: AtomicU64,
+    received: Arc<AtomicU64>,
     per_peer: Vec<AtomicU64>,
+    chunks_per_peer: Vec<AtomicU64>,
 }
 
 /// Parallel multi-peer chunk fetching for one apply; a [`ChunkSource`].
@@ -177,11 +178,13 @@ impl Drop for Fetcher {
 impl Fetcher {
     /// Starts fetching `order` (the diff's missing chunks, in the order the
     /// materializer will read them) from `peers`, most preferred first.
+    /// Verified bytes are added to `received` as they arrive.
     pub fn start(
         rt: &tokio::runtime::Handle,
         order: &[ChunkEntry],
         peers: Vec<Arc<dyn ChunkPeer>>,
         cfg: FetchConfig,
+        received: Arc<AtomicU64>,
     ) -> Fetcher {
         let mut windows: Vec<Window> = Vec::new();
         let mut window_of = HashMap::with_capacity(order.len());
@@ -222,8 +225,9 @@ impl Fetcher {
             }),
             arrived: Condvar::new(),
             room: tokio::sync::Notify::new(),
-            received: AtomicU64::new(0),
+            received,
             per_peer: peers.iter().map(|_| AtomicU64::new(0)).collect(),
+            chunks_per_peer: peers.iter().map(|_| AtomicU64::new(0)).collect(),
         });
         let names = peers.iter().map(|p| p.name().to_string()).collect();
         let mut tasks = Vec::new();
@@ -242,9 +246,22 @@ impl Fetcher {
         }
     }
 
-    /// Verified bytes received so far.
+    /// Verified bytes received so far by this fetcher.
     pub fn received(&self) -> u64 {
-        self.shared.received.load(Ordering::Relaxed)
+        self.shared
+            .per_peer
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Verified chunks received per peer, in the order given to `start`.
+    pub fn chunks_by_peer(&self) -> Vec<u64> {
+        self.shared
+            .chunks_per_peer
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Verified bytes received per peer, in the order given to `start`.
@@ -301,18 +318,20 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cf
         match result {
             Ok(got) => {
                 errors = 0;
-                let mut n = 0;
+                let (mut n, mut count) = (0, 0);
                 let st = &mut *st;
                 let win = &mut st.windows[w];
                 for (h, arrived) in win.hashes.iter().zip(win.got.iter_mut()) {
                     if !*arrived && let Some(b) = got.get(h) {
                         *arrived = true;
                         n += b.len() as u64;
+                        count += 1;
                         st.ready.insert(*h, b.clone());
                     }
                 }
                 shared.received.fetch_add(n, Ordering::Relaxed);
                 shared.per_peer[peer].fetch_add(n, Ordering::Relaxed);
+                shared.chunks_per_peer[peer].fetch_add(count, Ordering::Relaxed);
                 if n == 0 && !want.is_empty() {
                     tracing::debug!(
                         peer = source.name(),
@@ -419,6 +438,10 @@ impl ChunkSource for Fetcher {
 
     fn verified(&self) -> bool {
         true
+    }
+
+    fn is_local(&self) -> bool {
+        false
     }
 }
 

@@ -1,6 +1,7 @@
 //! The syncd daemon library: configuration, the `index` entry point, the
-//! peer service, materialize, and the node that wires them (`syncd run`).
-//! Admin (`syncctl`) and metrics come next.
+//! peer service, materialize, the node that wires them (`syncd run`), and
+//! the operator's surface (admin socket for `syncctl`, metrics, systemd,
+//! hooks).
 //!
 //! # Layout
 //!
@@ -18,12 +19,20 @@
 //! - [`fetch`]: missing chunks fetched from several peers at once, in
 //!   windows, nearest first, bounded read-ahead, retries elsewhere.
 //! - [`topology`]: peer classes (same rack / zone / region / elsewhere).
+//! - [`admin`]: the admin gRPC service on the Unix socket (`syncctl`).
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`hooks`]: `on_synced` commands after a version is in place.
+//! - [`sdnotify`]: systemd readiness, status and watchdog.
 
+pub mod admin;
 pub mod config;
 pub mod fetch;
+pub mod hooks;
 pub mod index;
 pub mod materialize;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod sdnotify;
 pub mod topology;

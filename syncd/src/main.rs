@@ -45,21 +45,41 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: under systemd or in a log file the
-        // escape codes would end up in the journal and break grep.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Run { .. }));
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("syncd: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr; under systemd (stderr connected to the journal) to the
+/// journal directly, with structured fields (DIR=, PEER=, ...) instead of
+/// formatted text. The daemon logs at info by default, tools at warn;
+/// RUST_LOG overrides.
+fn init_logging(daemon: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| if daemon { "syncd=info,warn" } else { "warn" }.into());
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(j) => registry
+            .with(j.with_syslog_identifier("syncd".into()))
+            .init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour only on a terminal: in a log file the escape
+                    // codes would break grep.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
     }
 }
 
@@ -78,7 +98,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(syncd::node::run(config, shutdown_signal()))?;
+            let opts = syncd::node::RunOptions {
+                notify: Some(syncd::sdnotify::Notifier::from_env()),
+            };
+            rt.block_on(syncd::node::run(config, shutdown_signal(), opts))?;
             // Blocking work (a scan, a file being written) gets a bounded
             // grace period; everything it does is atomic anyway.
             rt.shutdown_timeout(std::time::Duration::from_secs(10));

@@ -66,6 +66,12 @@ pub trait ChunkSource {
     fn verified(&self) -> bool {
         false
     }
+
+    /// Whether chunks come from this node's own files (counted as reused)
+    /// rather than the network.
+    fn is_local(&self) -> bool {
+        true
+    }
 }
 
 /// Chunks written to files this node is still receiving (or received since
@@ -216,6 +222,8 @@ pub struct Report {
     pub removed: u64,
     /// Chunks that failed BLAKE3 verification (from any source).
     pub corrupt_chunks: u64,
+    /// Chunks of new files taken from this node's own files.
+    pub reused_chunks: u64,
     /// The files written, with their chunks, for the index to record
     /// without reading them again (see [`indexer::ScanOptions::known`]).
     pub known: HashMap<String, KnownFile>,
@@ -228,13 +236,15 @@ const MAX_KNOWN_CHUNKS: usize = 4 << 20;
 
 /// Applies `diff` (local → remote) under `root`. `remote` supplies the
 /// recipes of new files; `sources` are asked for each chunk in order; every
-/// chunk written is registered in `in_flight`.
+/// chunk written is registered in `in_flight`; `files_done` counts files
+/// in place (progress for the operator).
 pub fn apply(
     root: &Path,
     diff: &Diff,
     remote: &dyn NodeSource,
     sources: &[&dyn ChunkSource],
     in_flight: &InFlight,
+    files_done: &std::sync::atomic::AtomicU64,
 ) -> Result<Report> {
     let io_err = |source| MaterializeError::Io {
         path: root.to_path_buf(),
@@ -305,6 +315,7 @@ pub fn apply(
                 )?;
                 report.files_written += 1;
                 report.bytes_written += written;
+                files_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             EntryMeta::Symlink { target } => {
                 clear_other_type(&parent, name, &c.path, false)?;

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::fetch::{ChunkPeer, FetchResult};
 use crate::materialize::LocalChunks;
+use crate::metrics::Metrics;
 use crate::node::Node;
 
 /// Most node ids or chunk hashes one request may name.
@@ -62,12 +63,22 @@ impl pb::peer_server::Peer for PeerService {
         if h.dirs.len() > MAX_HOLDINGS || h.pulling.len() > MAX_HOLDINGS {
             return Err(Status::invalid_argument("too many directories"));
         }
+        self.node
+            .metrics
+            .gossip_messages
+            .with_label_values(&["exchange", "received"])
+            .inc();
         self.node.learn(h)?;
         Ok(Response::new(self.node.holdings()))
     }
 
     async fn swim(&self, req: Request<pb::SwimPacket>) -> Result<Response<pb::SwimAck>, Status> {
         let data = req.into_inner().data;
+        self.node
+            .metrics
+            .gossip_messages
+            .with_label_values(&["swim", "received"])
+            .inc();
         if let Some(swim) = self.node.swim.get() {
             swim.packet(data).map_err(Status::invalid_argument)?;
         }
@@ -116,6 +127,11 @@ impl pb::peer_server::Peer for PeerService {
         req: Request<pb::GetChunksRequest>,
     ) -> Result<Response<Self::GetChunksStream>, Status> {
         let r = req.into_inner();
+        if r.requester.len() > 128 || r.dir.len() > 128 {
+            return Err(Status::invalid_argument(
+                "requester or dir longer than 128 bytes",
+            ));
+        }
         if r.hashes.len() > MAX_CHUNKS_PER_CALL {
             return Err(Status::invalid_argument(format!(
                 "more than {MAX_CHUNKS_PER_CALL} chunks"
@@ -128,10 +144,12 @@ impl pb::peer_server::Peer for PeerService {
             .collect::<Result<_, _>>()?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let node = self.node.clone();
+        let (requester, dir) = (r.requester, r.dir);
         tokio::task::spawn_blocking(move || {
             let local = LocalChunks::for_serving(&node.store, node.roots());
             let mut batch = pb::ChunkBatch::default();
             let mut size = 0;
+            let (mut sent, mut chunks) = (0u64, 0u64);
             for h in hashes {
                 // Indexed files first, then files still being received.
                 let data = match local.read_hash(&h) {
@@ -144,13 +162,15 @@ impl pb::peer_server::Peer for PeerService {
                         .unwrap_or_default(),
                 };
                 size += data.len();
+                sent += data.len() as u64;
+                chunks += u64::from(!data.is_empty());
                 batch.chunks.push(pb::Chunk {
                     hash: h.as_bytes().to_vec(),
                     data: Bytes::from(data),
                 });
                 if size >= MAX_BATCH_BYTES / 2 {
                     if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
-                        return;
+                        break;
                     }
                     size = 0;
                 }
@@ -158,6 +178,7 @@ impl pb::peer_server::Peer for PeerService {
             if !batch.chunks.is_empty() {
                 let _ = tx.blocking_send(Ok(batch));
             }
+            node.record_sent(&requester, &dir, sent, chunks);
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
@@ -172,14 +193,20 @@ pub struct RemotePeer {
     pub id: String,
     client: PeerClient<Channel>,
     rt: Handle,
+    metrics: Metrics,
 }
 
 impl RemotePeer {
-    pub fn new(id: String, channel: Channel, rt: Handle) -> RemotePeer {
+    pub fn new(id: String, channel: Channel, rt: Handle, metrics: Metrics) -> RemotePeer {
         let client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        RemotePeer { id, client, rt }
+        RemotePeer {
+            id,
+            client,
+            rt,
+            metrics,
+        }
     }
 
     /// Fetches chunks by hash; returns those the peer had, verified
@@ -187,13 +214,9 @@ impl RemotePeer {
     pub async fn fetch_chunks(
         mut client: PeerClient<Channel>,
         peer: String,
-        dir: String,
+        req: pb::GetChunksRequest,
         hashes: Vec<Hash>,
     ) -> Result<HashMap<Hash, Bytes>, Status> {
-        let req = pb::GetChunksRequest {
-            dir,
-            hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
-        };
         let asked: std::collections::HashSet<Hash> = hashes.into_iter().collect();
         let mut stream = client.get_chunks(req).await?.into_inner();
         let mut out = HashMap::new();
@@ -225,6 +248,8 @@ impl RemotePeer {
 pub struct PeerChunks {
     pub peer: RemotePeer,
     pub dir: String,
+    /// This node's id, so the peer can account what it serves.
+    pub requester: String,
 }
 
 impl ChunkPeer for PeerChunks {
@@ -233,15 +258,24 @@ impl ChunkPeer for PeerChunks {
     }
 
     fn fetch(&self, hashes: Vec<Hash>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
-        let (client, id, dir) = (
-            self.peer.client.clone(),
-            self.peer.id.clone(),
-            self.dir.clone(),
-        );
+        let (client, id) = (self.peer.client.clone(), self.peer.id.clone());
+        let req = pb::GetChunksRequest {
+            dir: self.dir.clone(),
+            hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
+            requester: self.requester.clone(),
+        };
+        let histogram = self
+            .peer
+            .metrics
+            .rpc_duration
+            .with_label_values(&["get_chunks"]);
         Box::pin(async move {
-            RemotePeer::fetch_chunks(client, id, dir, hashes)
+            let started = std::time::Instant::now();
+            let r = RemotePeer::fetch_chunks(client, id, req, hashes)
                 .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                .map_err(|s| format!("{}: {}", s.code(), s.message()));
+            histogram.observe(started.elapsed().as_secs_f64());
+            r
         })
     }
 }
@@ -252,7 +286,12 @@ impl NodeSource for RemotePeer {
         let req = pb::GetNodesRequest {
             ids: vec![hash.as_bytes().to_vec()],
         };
+        let started = std::time::Instant::now();
         let resp = self.rt.block_on(async move { client.get_nodes(req).await });
+        self.metrics
+            .rpc_duration
+            .with_label_values(&["get_nodes"])
+            .observe(started.elapsed().as_secs_f64());
         match resp {
             Ok(r) => Ok(r
                 .into_inner()

@@ -451,3 +451,21 @@ fn a_stale_hint_is_ignored_and_the_file_read() {
     assert_eq!(r.files_read, 5, "x.bin and the sample files were read");
     assert_eq!(fresh_root(&f), r.root);
 }
+
+#[test]
+fn ignored_paths_are_not_published_nor_entered() {
+    let f = fixture();
+    sample_tree(&f.root);
+    let plain = scan(&f.store, "d", &f.root).unwrap();
+    write(&f.root, "x.tmp", b"scratch");
+    write(&f.root, "sub/y.tmp", b"scratch");
+    write(&f.root, ".cache/blob", &random(100_000, 4));
+    let opts = ScanOptions {
+        ignore: Ignore::new(&["*.tmp", ".cache/"]).unwrap(),
+        ..Default::default()
+    };
+    let r = scan_with(&f.store, "d", &f.root, opts).unwrap();
+    assert_eq!(r.root, plain.root, "ignored entries change nothing");
+    assert_eq!(r.files_read, 0, "nothing under .cache/ was read");
+    f.store.check("d").unwrap();
+}

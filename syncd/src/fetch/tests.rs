@@ -125,6 +125,7 @@ fn chunks_come_from_several_peers_and_in_order() {
         &d.order,
         vec![Arc::new(a), Arc::new(b)],
         small_windows(),
+        Default::default(),
     );
     let (f, got) = read_all(&rt, f, &d);
     for (i, (c, g)) in d.order.iter().zip(&got).enumerate() {
@@ -156,6 +157,7 @@ fn a_failing_peer_is_dropped_and_its_windows_fetched_elsewhere() {
         &d.order,
         vec![Arc::new(bad), Arc::new(good)],
         small_windows(),
+        Default::default(),
     );
     let (f, got) = read_all(&rt, f, &d);
     assert!(got.iter().all(Option::is_some));
@@ -183,6 +185,7 @@ fn a_partial_holder_serves_what_it_has_and_the_rest_comes_from_a_full_one() {
         &d.order,
         vec![Arc::new(partial), Arc::new(full)],
         small_windows(),
+        Default::default(),
     );
     let (f, got) = read_all(&rt, f, &d);
     assert!(got.iter().all(Option::is_some));
@@ -204,6 +207,7 @@ fn a_chunk_no_peer_has_is_reported_missing_not_waited_for() {
         &d.order,
         vec![Arc::new(peer("a", some)), Arc::new(corrupting)],
         small_windows(),
+        Default::default(),
     );
     let (_f, got) = read_all(&rt, f, &d);
     for (i, g) in got.iter().enumerate() {
@@ -218,7 +222,13 @@ fn workers_stay_within_the_read_ahead_bound() {
     let p = peer("a", d.bytes.clone());
     let asked = p.asked.clone();
     let cfg = small_windows(); // 1 MiB ahead, 256 KiB windows
-    let f = Fetcher::start(rt.handle(), &d.order, vec![Arc::new(p)], cfg);
+    let f = Fetcher::start(
+        rt.handle(),
+        &d.order,
+        vec![Arc::new(p)],
+        cfg,
+        Default::default(),
+    );
     // Nothing consumed: the workers stop at the bound.
     let bound = (cfg.ahead_bytes + cfg.window_bytes) / (64 << 10);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -79,6 +79,7 @@ fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
         &src.store,
         &[&local, &remote],
         &InFlight::default(),
+        &Default::default(),
     )
     .unwrap();
     let after = scan(&dst.store, "www", &dst.root).unwrap();
@@ -199,6 +200,7 @@ fn writes_never_go_through_a_symlink() {
         &src.store,
         &[&remote],
         &InFlight::default(),
+        &Default::default(),
     )
     .unwrap_err();
     assert!(
@@ -237,7 +239,15 @@ fn corrupt_chunks_are_never_written() {
     let diff = scan_and_diff(&src, &dst, || {});
     let liar = Fixed(b"garbage".to_vec());
     // Only a lying source: the old file stays, no temp file remains.
-    let err = apply(&dst.root, &diff, &src.store, &[&liar], &InFlight::default()).unwrap_err();
+    let err = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&liar],
+        &InFlight::default(),
+        &Default::default(),
+    )
+    .unwrap_err();
     assert!(
         matches!(err, MaterializeError::ChunkUnavailable { .. }),
         "{err}"
@@ -252,6 +262,7 @@ fn corrupt_chunks_are_never_written() {
         &src.store,
         &[&liar, &honest],
         &InFlight::default(),
+        &Default::default(),
     )
     .unwrap();
     assert!(report.corrupt_chunks >= 1);
@@ -312,7 +323,15 @@ fn chunks_of_a_file_still_being_written_can_be_served() {
         previous: Cell::new(None),
         served_early: Cell::new(0),
     };
-    let report = apply(&dst.root, &diff, &src.store, &[&watching], &in_flight).unwrap();
+    let report = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&watching],
+        &in_flight,
+        &Default::default(),
+    )
+    .unwrap();
     // Each chunk was readable as soon as it was written, before the file
     // was complete or renamed into place.
     assert_eq!(watching.served_early.get(), n - 1);
@@ -345,6 +364,7 @@ fn the_index_records_written_files_from_the_report_without_reading_them() {
         &src.store,
         &[&remote],
         &InFlight::default(),
+        &Default::default(),
     )
     .unwrap();
     let opts = indexer::ScanOptions {

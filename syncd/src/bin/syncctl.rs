@@ -1,0 +1,480 @@
+//! `syncctl`: asks the local syncd over its admin socket. Glue only: the
+//! daemon computes everything; this formats it as tables or JSON.
+//!
+//! Exit codes: 0 success, 1 error (daemon unreachable, unknown directory,
+//! refused action), 2 usage error, 3 `wait` timed out.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser, Subcommand};
+use comfy_table::{Table, presets};
+use sync_proto::admin as pba;
+use sync_proto::admin::admin_client::AdminClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_TIMEOUT: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "syncctl",
+    version,
+    about = "Ask the local syncd what it is doing, and steer it",
+    after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 wait timed out.\n\
+                  JSON output (--json) follows sync-proto/proto/admin.proto; see ops/README.md."
+)]
+struct Cli {
+    /// The daemon's admin socket ([admin] socket in syncd.toml).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCD_SOCKET",
+        default_value = "/run/syncd/syncd.sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node, peers, and every directory's state, versions and progress.
+    Status,
+    /// Every known peer: address, labels, class, RTT, state, traffic, versions.
+    Peers,
+    /// The directories this node syncs.
+    Dirs,
+    /// Stop scanning, publishing and pulling a directory (files untouched).
+    Pause(Targets),
+    /// Undo pause.
+    Resume(Targets),
+    /// Scan a directory now (and pull, on a replica).
+    Rescan(Targets),
+    /// Undo local edits on a replica: fetch the newest version again.
+    Revert(Targets),
+    /// Block until this node (or, with --fleet, every live peer carrying
+    /// the directory) holds a version.
+    Wait {
+        dir: String,
+        /// The version to wait for (default: the newest seen in the fleet
+        /// when the wait starts).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Wait for every live peer that carries the directory too.
+        #[arg(long)]
+        fleet: bool,
+        /// Give up after this long (exit code 3).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(clap::Args)]
+struct Targets {
+    /// Directory ids.
+    #[arg(required_unless_present = "all")]
+    dirs: Vec<String>,
+    /// Every directory of this node.
+    #[arg(long, conflicts_with = "dirs")]
+    all: bool,
+}
+
+/// An error with the exit code it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure(EXIT_ERROR, e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("syncctl: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("syncctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn connect(socket: &std::path::Path) -> anyhow::Result<AdminClient<Channel>> {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://localhost")?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach syncd at {} (is it running? right --socket? \
+                 only root and group syncd may use the socket)",
+                socket.display()
+            )
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "syncctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let mut client = connect(&cli.socket).await?;
+    match cli.command {
+        Command::Status => {
+            let s = status(&mut client).await?;
+            if cli.json {
+                print_json(&s)?;
+            } else {
+                print!("{}", status_text(&s));
+            }
+        }
+        Command::Peers => {
+            let p = client
+                .peers(pba::PeersRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if cli.json {
+                print_json(&p)?;
+            } else {
+                print!("{}", peers_text(&p));
+            }
+        }
+        Command::Dirs => {
+            let s = status(&mut client).await?;
+            if cli.json {
+                print_json(&s.dirs)?;
+            } else {
+                let mut t = table(&["DIR", "MODE", "STATE", "VERSION", "PATH"]);
+                for d in &s.dirs {
+                    t.add_row(vec![
+                        d.id.clone(),
+                        d.mode.clone(),
+                        d.state.clone(),
+                        d.local_version.to_string(),
+                        d.path.clone(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Command::Pause(t) => control(&mut client, "pause", t, cli.json).await?,
+        Command::Resume(t) => control(&mut client, "resume", t, cli.json).await?,
+        Command::Rescan(t) => control(&mut client, "rescan", t, cli.json).await?,
+        Command::Revert(t) => control(&mut client, "revert", t, cli.json).await?,
+        Command::Wait {
+            dir,
+            version,
+            fleet,
+            timeout,
+        } => wait(&mut client, &dir, version, fleet, timeout, cli.json).await?,
+        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+async fn status(client: &mut AdminClient<Channel>) -> anyhow::Result<pba::StatusReply> {
+    Ok(client
+        .status(pba::StatusRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    t.set_header(header.to_vec());
+    t
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn short(root: &str) -> &str {
+    &root[..root.len().min(12)]
+}
+
+fn status_text(s: &pba::StatusReply) -> String {
+    let p = s.peers.unwrap_or_default();
+    let mut out = format!(
+        "node {}  syncd {}  up {}  peers: {} alive, {} suspect, {} dead\n\n",
+        s.node_id,
+        s.syncd_version,
+        duration(s.uptime_seconds),
+        p.alive,
+        p.suspect,
+        p.dead
+    );
+    let mut t = table(&[
+        "DIR",
+        "MODE",
+        "STATE",
+        "LOCAL",
+        "FLEET",
+        "CONVERGED",
+        "PENDING",
+        "RATE",
+    ]);
+    for d in &s.dirs {
+        t.add_row(vec![
+            d.id.clone(),
+            d.mode.clone(),
+            d.state.clone(),
+            format!("v{} {}", d.local_version, short(&d.local_root)),
+            format!("v{} {}", d.fleet_version, short(&d.fleet_root)),
+            format!("{}/{} peers", d.peers_at_fleet_version, d.peers_carrying),
+            if d.pending_files + d.pending_bytes > 0 {
+                format!("{} files, {}", d.pending_files, bytes(d.pending_bytes))
+            } else {
+                "-".into()
+            },
+            format!("{}/s", bytes(d.rate_bytes_per_second as u64)),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    for d in &s.dirs {
+        if !d.reason.is_empty() {
+            out.push_str(&format!("\n{}: error: {}\n", d.id, d.reason));
+        } else if !d.last_error.is_empty() {
+            out.push_str(&format!(
+                "\n{}: last error (recovered): {}\n",
+                d.id, d.last_error
+            ));
+        }
+    }
+    out
+}
+
+fn peers_text(p: &pba::PeersReply) -> String {
+    let mut t = table(&[
+        "PEER", "ADDRESS", "STATE", "CLASS", "RTT", "SENT", "RECEIVED", "LABELS", "HOLDS",
+    ]);
+    for x in &p.peers {
+        let mut labels: Vec<String> = x.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        t.add_row(vec![
+            x.node_id.clone(),
+            x.address.clone(),
+            x.state.clone(),
+            x.class.clone(),
+            if x.rtt_ms > 0.0 {
+                format!("{:.1} ms", x.rtt_ms)
+            } else {
+                "-".into()
+            },
+            bytes(x.bytes_sent),
+            bytes(x.bytes_received),
+            labels.join(","),
+            x.holds
+                .iter()
+                .map(|h| format!("{}@v{}", h.dir, h.version))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+async fn control(
+    client: &mut AdminClient<Channel>,
+    action: &str,
+    t: Targets,
+    json: bool,
+) -> Result<(), Failure> {
+    let r = client
+        .control(pba::ControlRequest {
+            action: action.into(),
+            dirs: t.dirs,
+            all: t.all,
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    if json {
+        print_json(&r)?;
+    } else {
+        let past = match action {
+            "pause" => "paused",
+            "resume" => "resumed",
+            "rescan" => "rescanning",
+            _ => "reverting",
+        };
+        println!("{past}: {}", r.affected.join(", "));
+    }
+    Ok(())
+}
+
+/// What a wait is waiting for, computed from one status.
+struct Goal {
+    done: bool,
+    line: String,
+}
+
+fn goal(d: &pba::DirStatus, target: u64, fleet: bool) -> Goal {
+    let behind: Vec<&str> = d
+        .peers
+        .iter()
+        .filter(|p| p.version < target)
+        .map(|p| p.node_id.as_str())
+        .collect();
+    let here = d.local_version >= target;
+    let done = here && (!fleet || behind.is_empty());
+    let mut line = format!(
+        "{}: v{} here (want v{target}), {}",
+        d.id, d.local_version, d.state
+    );
+    if d.pending_files + d.pending_bytes > 0 {
+        line.push_str(&format!(
+            ", {} files / {} pending",
+            d.pending_files,
+            bytes(d.pending_bytes)
+        ));
+    }
+    if fleet {
+        line.push_str(&format!(
+            ", {}/{} peers at v{target}+",
+            d.peers.len() - behind.len(),
+            d.peers.len()
+        ));
+    }
+    if !d.reason.is_empty() {
+        line.push_str(&format!(" [{}]", d.reason));
+    }
+    Goal { done, line }
+}
+
+async fn wait(
+    client: &mut AdminClient<Channel>,
+    dir: &str,
+    version: Option<u64>,
+    fleet: bool,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + timeout;
+    let find = |s: pba::StatusReply| {
+        let known: Vec<String> = s.dirs.iter().map(|d| d.id.clone()).collect();
+        s.dirs.into_iter().find(|d| d.id == dir).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown directory {dir:?}; this node syncs: {}",
+                known.join(", ")
+            )
+        })
+    };
+    let first = find(status(client).await?)?;
+    let target = version.unwrap_or(first.fleet_version.max(1));
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let mut last_line = String::new();
+    loop {
+        let d = find(status(client).await?)?;
+        let g = goal(&d, target, fleet);
+        if g.line != last_line {
+            match &bar {
+                Some(b) => b.set_message(g.line.clone()),
+                None if !json => eprintln!("{}", g.line),
+                None => {}
+            }
+            last_line = g.line.clone();
+        }
+        if g.done {
+            if let Some(b) = bar {
+                b.finish_with_message(g.line);
+            }
+            if json {
+                print_json(&d)?;
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            if let Some(b) = bar {
+                b.abandon();
+            }
+            return Err(Failure(
+                EXIT_TIMEOUT,
+                anyhow::anyhow!("timed out after {timeout:?}: {}", g.line),
+            ));
+        }
+        // Polling the local daemon is the interface: status is cheap.
+        tokio::time::sleep(Duration::from_millis(200).min(deadline - Instant::now())).await;
+    }
+}
