@@ -201,6 +201,36 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 
+    /// Error kinds counted in `syncd_errors_total`.
+    pub const ERROR_KINDS: [&'static str; 5] =
+        ["scan", "sync", "corrupt_chunk", "local_edits", "hook"];
+
+    /// Creates a directory's counters at zero, so dashboards and alerts see
+    /// a series (and a rate of 0) before the first event rather than none.
+    pub fn init_dir(&self, dir: &str, has_hook: bool) {
+        for class in crate::topology::PeerClass::ALL {
+            let l = [dir, class.as_str()];
+            for c in [
+                &self.received_bytes,
+                &self.received_chunks,
+                &self.sent_bytes,
+                &self.sent_chunks,
+            ] {
+                c.with_label_values(&l);
+            }
+        }
+        self.reused_chunks.with_label_values(&[dir]);
+        self.files_materialized.with_label_values(&[dir]);
+        for kind in Metrics::ERROR_KINDS {
+            self.errors.with_label_values(&[dir, kind]);
+        }
+        if has_hook {
+            for result in ["ok", "failed", "timeout"] {
+                self.hook_runs.with_label_values(&[dir, result]);
+            }
+        }
+    }
+
     /// Forgets the per-directory series of a directory no longer synced.
     pub fn forget_dir(&self, dir: &str) {
         for v in [

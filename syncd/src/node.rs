@@ -1037,6 +1037,7 @@ async fn prepare_dir(
         rate: Mutex::new((0, 0.0)),
         synced: tokio::sync::watch::Sender::new(None),
     });
+    node.metrics.init_dir(&dir.id, !dir.hook.is_empty());
     // Visible to syncctl while the first scan runs.
     node.dirs
         .write()
