@@ -54,12 +54,26 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// A node with one directory `www` in `mode`, started.
     pub fn new(tmp: &Path, name: &str, ip: &str, mode: &str, peers: &[&str]) -> Daemon {
         Daemon::with(tmp, name, ip, mode, peers, "", "")
+    }
+
+    /// Like [`Daemon::new`], with extra environment variables.
+    pub fn with_env(
+        tmp: &Path,
+        name: &str,
+        ip: &str,
+        mode: &str,
+        peers: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::build(tmp, name, ip, mode, peers, "", "", env)
     }
 
     /// Like [`Daemon::new`], with lines added to syncd.toml's `[node]`
@@ -72,6 +86,20 @@ impl Daemon {
         peers: &[&str],
         node_extra: &str,
         dir_extra: &str,
+    ) -> Daemon {
+        Daemon::build(tmp, name, ip, mode, peers, node_extra, dir_extra, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        tmp: &Path,
+        name: &str,
+        ip: &str,
+        mode: &str,
+        peers: &[&str],
+        node_extra: &str,
+        dir_extra: &str,
+        env: &[(&str, &str)],
     ) -> Daemon {
         let base = tmp.join(name);
         let data = base.join("data");
@@ -105,6 +133,10 @@ impl Daemon {
             data,
             config,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.start();
         d
@@ -120,6 +152,7 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "syncd=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
