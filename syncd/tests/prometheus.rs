@@ -95,10 +95,34 @@ fn every_dashboard_panel_has_data_from_a_real_fleet() {
     };
     fs::create_dir_all(tmp.path().join("src/data")).unwrap();
     fs::write(tmp.path().join("src/data/a.bin"), vec![7u8; 300_000]).unwrap();
-    let src = Daemon::with(tmp.path(), "src", a, "source", &[b, c], &node(a, "a", "r1"), "");
+    let src = Daemon::with(
+        tmp.path(),
+        "src",
+        a,
+        "source",
+        &[b, c],
+        &node(a, "a", "r1"),
+        "",
+    );
     let hook = "on_synced = [\"true\"]";
-    let r1 = Daemon::with(tmp.path(), "r1", b, "replica", &[a], &node(b, "a", "r1"), hook);
-    let r2 = Daemon::with(tmp.path(), "r2", c, "replica", &[a], &node(c, "b", "r9"), hook);
+    let r1 = Daemon::with(
+        tmp.path(),
+        "r1",
+        b,
+        "replica",
+        &[a],
+        &node(b, "a", "r1"),
+        hook,
+    );
+    let r2 = Daemon::with(
+        tmp.path(),
+        "r2",
+        c,
+        "replica",
+        &[a],
+        &node(c, "b", "r9"),
+        hook,
+    );
     converge(&src, &[&r1, &r2], "initial");
 
     // Every endpoint passes promtool's lint.
@@ -139,7 +163,10 @@ fn every_dashboard_panel_has_data_from_a_real_fleet() {
     let _prom = Killed(
         Command::new(prometheus)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", tmp.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(Stdio::null())
             .stderr(fs::File::create(tmp.path().join("prometheus.log")).unwrap())

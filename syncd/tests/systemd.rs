@@ -14,8 +14,9 @@ use common::{Daemon, ctl_json};
 #[test]
 fn the_unit_file_passes_systemd_analyze_verify() {
     let tmp = tempfile::tempdir().unwrap();
-    let unit = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/syncd.service"))
-        .unwrap();
+    let unit =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/syncd.service"))
+            .unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
     assert!(unit.contains("ProtectSystem=strict") && unit.contains("NoNewPrivileges=yes"));
     // Point ExecStart at the binary under test: verify checks it exists.
@@ -114,7 +115,10 @@ fn readiness_status_watchdog_and_reload_reach_a_real_notify_socket() {
     // SIGHUP: RELOADING=1 with a monotonic timestamp, then READY=1 again.
     d.hup();
     let reload = read_until(&sock, 30, "RELOADING=1", |m| m.contains("RELOADING=1"));
-    assert!(reload.last().unwrap().contains("MONOTONIC_USEC="), "{reload:?}");
+    assert!(
+        reload.last().unwrap().contains("MONOTONIC_USEC="),
+        "{reload:?}"
+    );
     read_until(&sock, 30, "READY=1 after reload", |m| m.contains("READY=1"));
     // SIGTERM: STOPPING=1, and a clean exit.
     let pid = d.child.as_ref().unwrap().id();
@@ -166,7 +170,8 @@ fn the_install_script_stages_binaries_unit_docs_and_valid_example_config() {
     ] {
         assert!(root.join(f).is_file(), "{f} not installed");
     }
-    let paths = fs::read_to_string(root.join("etc/systemd/system/syncd.service.d/paths.conf")).unwrap();
+    let paths =
+        fs::read_to_string(root.join("etc/systemd/system/syncd.service.d/paths.conf")).unwrap();
     assert!(
         paths.contains("ReadWritePaths=/srv/nginx-conf\n")
             && paths.contains("ReadWritePaths=/srv/www\n"),
@@ -179,6 +184,10 @@ fn the_install_script_stages_binaries_unit_docs_and_valid_example_config() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("2 directories"), "{text}");
 }
