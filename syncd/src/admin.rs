@@ -330,6 +330,19 @@ impl pba::admin_server::Admin for AdminService {
                             d.id
                         )));
                     }
+                    // Synchronous: when the call returns, what is on disk
+                    // now is the version this node holds (on a source, the
+                    // version it publishes), so `syncctl wait` can follow.
+                    let (n, dir) = (node.clone(), d.clone());
+                    let changed =
+                        tokio::task::spawn_blocking(move || crate::node::rescan(&n, &dir))
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))?
+                            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+                    if changed {
+                        node.published.notify_one();
+                    }
+                    // A replica also looks for a newer version now.
                     d.poke.notify_one();
                 }
                 "revert" => {

@@ -220,7 +220,7 @@ pub struct Node {
     /// see nodes another scan wrote but has not yet referenced.
     pub index_lock: Mutex<()>,
     /// Something changed locally: push holdings now.
-    published: Notify,
+    pub(crate) published: Notify,
     /// A peer announced something: replica loops look now.
     learned: Notify,
     /// Chunks of files being received (served to peers before indexing).
@@ -525,7 +525,7 @@ fn check_member(m: &pb::Member) -> Result<(), Status> {
 /// Scans one directory and records the version this node now holds.
 /// Sources publish a new version when the root changes; replicas only
 /// report local edits.
-fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
+pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
     let _guard = node.index_lock.lock().unwrap();
     dir.set_phase(Phase::Scanning);
     let opts = indexer::ScanOptions {
@@ -909,8 +909,8 @@ pub async fn run(
         });
     }
     {
-        let node = node.clone();
-        tasks.spawn(async move { stats_loop(node).await });
+        let (node, notify) = (node.clone(), notify.clone());
+        tasks.spawn(async move { stats_loop(node, notify).await });
     }
     let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     for d in pending {
@@ -963,7 +963,7 @@ pub fn status_line(node: &Node) -> String {
         .filter(|p| p.state != Liveness::Down)
         .count();
     let states: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
-    format!(
+    let mut line = format!(
         "{} directories ({}), {peers} live peers",
         dirs.len(),
         if states.is_empty() {
@@ -971,14 +971,34 @@ pub fn status_line(node: &Node) -> String {
         } else {
             states.join(", ")
         }
-    )
+    );
+    for d in &dirs {
+        match d.state_name() {
+            "syncing" => line.push_str(&format!(
+                "; {}: syncing, {} files / {} MiB pending",
+                d.id,
+                d.progress.pending_files(),
+                d.progress.pending_bytes() >> 20
+            )),
+            "scanning" => line.push_str(&format!("; {}: scanning", d.id)),
+            "error" => line.push_str(&format!("; {}: error", d.id)),
+            _ => {}
+        }
+    }
+    line
 }
 
 /// Once a second: receive rates, and systemd STATUS when it changes.
-async fn stats_loop(node: Arc<Node>) {
+async fn stats_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_status = String::new();
     loop {
         tick.tick().await;
+        let status = status_line(&node);
+        if status != last_status {
+            notify.status(&status);
+            last_status = status;
+        }
         for d in node.dir_list() {
             let now = d.progress.received.load(Ordering::Relaxed);
             let mut rate = d.rate.lock().unwrap();
@@ -993,7 +1013,6 @@ async fn stats_loop(node: Arc<Node>) {
 /// answers a read within the interval (RocksDB and the blocking pool are
 /// alive), and the runtime got here (it is not wedged).
 async fn watchdog_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier, interval: Duration) {
-    let mut last_status = String::new();
     loop {
         tokio::time::sleep(interval / 2).await;
         let store = node.store.clone();
@@ -1001,11 +1020,6 @@ async fn watchdog_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier, inter
         match tokio::time::timeout(interval / 2, probe).await {
             Ok(Ok(true)) => notify.watchdog(),
             _ => tracing::error!("index did not answer in time; not feeding the watchdog"),
-        }
-        let status = status_line(&node);
-        if status != last_status {
-            notify.status(&status);
-            last_status = status;
         }
     }
 }

@@ -139,6 +139,15 @@ fn syncctl_reports_and_steers_a_real_fleet() {
             .contains("local edits")
     );
 
+    // A deploy script: change the source, then wait on it for the fleet.
+    // The wait scans first, so the change just made is what it waits for.
+    fs::write(src.data.join("deploy.txt"), b"release 42").unwrap();
+    let (code, _, err) = ctl(&src, &["wait", "www", "--fleet", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{err}");
+    for r in [&r1, &r2] {
+        assert_eq!(fs::read(r.data.join("deploy.txt")).unwrap(), b"release 42");
+    }
+
     // SWIM: a killed node is suspected, then declared dead.
     r2.kill();
     until(60, "r1 declares r2 dead", || {

@@ -55,16 +55,18 @@ enum Command {
     Pause(Targets),
     /// Undo pause.
     Resume(Targets),
-    /// Scan a directory now (and pull, on a replica).
+    /// Scan a directory now and return when done (a replica then pulls).
     Rescan(Targets),
     /// Undo local edits on a replica: fetch the newest version again.
     Revert(Targets),
     /// Block until this node (or, with --fleet, every live peer carrying
-    /// the directory) holds a version.
+    /// the directory) holds a version. On a source, the default target is
+    /// what is on disk now (it is scanned first).
     Wait {
         dir: String,
         /// The version to wait for (default: the newest seen in the fleet
-        /// when the wait starts).
+        /// when the wait starts; on a source, the version of what is on
+        /// disk now).
         #[arg(long)]
         version: Option<u64>,
         /// Wait for every live peer that carries the directory too.
@@ -384,6 +386,9 @@ async fn control(
 struct Goal {
     done: bool,
     line: String,
+    /// Nodes at the target version, of how many must be.
+    at: u64,
+    of: u64,
 }
 
 fn goal(d: &pba::DirStatus, target: u64, fleet: bool) -> Goal {
@@ -395,6 +400,14 @@ fn goal(d: &pba::DirStatus, target: u64, fleet: bool) -> Goal {
         .collect();
     let here = d.local_version >= target;
     let done = here && (!fleet || behind.is_empty());
+    let (at, of) = if fleet {
+        (
+            u64::from(here) + (d.peers.len() - behind.len()) as u64,
+            1 + d.peers.len() as u64,
+        )
+    } else {
+        (u64::from(here), 1)
+    };
     let mut line = format!(
         "{}: v{} here (want v{target}), {}",
         d.id, d.local_version, d.state
@@ -416,7 +429,7 @@ fn goal(d: &pba::DirStatus, target: u64, fleet: bool) -> Goal {
     if !d.reason.is_empty() {
         line.push_str(&format!(" [{}]", d.reason));
     }
-    Goal { done, line }
+    Goal { done, line, at, of }
 }
 
 async fn wait(
@@ -437,10 +450,30 @@ async fn wait(
             )
         })
     };
-    let first = find(status(client).await?)?;
+    let mut first = find(status(client).await?)?;
+    if version.is_none() && first.mode == "source" {
+        // On the source, "the newest" means what is on disk now: scan it
+        // (synchronously) so a change made just before is the target.
+        client
+            .control(pba::ControlRequest {
+                action: "rescan".into(),
+                dirs: vec![dir.to_string()],
+                all: false,
+            })
+            .await
+            .map_err(rpc_error)?;
+        first = find(status(client).await?)?;
+    }
     let target = version.unwrap_or(first.fleet_version.max(1));
+    // On a terminal: a bar of nodes at the version, with the details.
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes  {msg}",
+            )
+            .expect("valid template"),
+        );
         b.enable_steady_tick(Duration::from_millis(120));
         b
     });
@@ -448,6 +481,10 @@ async fn wait(
     loop {
         let d = find(status(client).await?)?;
         let g = goal(&d, target, fleet);
+        if let Some(b) = &bar {
+            b.set_length(g.of);
+            b.set_position(g.at);
+        }
         if g.line != last_line {
             match &bar {
                 Some(b) => b.set_message(g.line.clone()),
