@@ -549,13 +549,13 @@ pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
             return Err(e);
         }
     };
-    node.metrics
-        .scan_duration
-        .with_label_values(&[&dir.id])
+    let m = &node.metrics;
+    let id = [dir.id.as_str()];
+    m.scan_duration
+        .with_label_values(&id)
         .observe(report.walk_seconds);
-    node.metrics
-        .index_duration
-        .with_label_values(&[&dir.id])
+    m.index_duration
+        .with_label_values(&id)
         .observe(report.seconds - report.walk_seconds);
     let mut current = dir.current.lock().unwrap();
     match dir.mode {
@@ -745,13 +745,12 @@ fn pull_locked(
     }
     let report = applied
         .with_context(|| format!("materializing {:?} version {}", dir.id, version.version))?;
-    node.metrics
-        .files_materialized
-        .with_label_values(&[&dir.id])
+    let (m, id) = (&node.metrics, [dir.id.as_str()]);
+    m.files_materialized
+        .with_label_values(&id)
         .inc_by(report.files_written);
-    node.metrics
-        .reused_chunks
-        .with_label_values(&[&dir.id])
+    m.reused_chunks
+        .with_label_values(&id)
         .inc_by(report.reused_chunks);
     if report.corrupt_chunks > 0 {
         node.metrics

@@ -375,6 +375,14 @@ fn fresh_root(f: &Fixture) -> Hash {
     scan(&store, "d", &f.root).unwrap().root
 }
 
+fn scan_known(f: &Fixture, known: HashMap<String, KnownFile>) -> ScanReport {
+    let opts = ScanOptions {
+        known,
+        ..Default::default()
+    };
+    scan_with(&f.store, "d", &f.root, opts).unwrap()
+}
+
 fn hint_for(path: &Path, data: &[u8]) -> KnownFile {
     let m = fs::metadata(path).unwrap();
     KnownFile {
@@ -403,16 +411,7 @@ fn a_matching_hint_records_the_file_without_reading_it() {
         "sub/new.bin".to_string(),
         hint_for(&f.root.join("sub/new.bin"), &data),
     )]);
-    let r = scan_with(
-        &f.store,
-        "d",
-        &f.root,
-        ScanOptions {
-            known,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = scan_known(&f, known);
     assert_eq!((r.files_read, r.bytes_read), (0, 0), "the hint was used");
     f.store.check("d").unwrap();
     // The same root and chunk locations a reading scan gives.
@@ -438,16 +437,7 @@ fn a_stale_hint_is_ignored_and_the_file_read() {
     write(&f.root, "x.bin", &edited);
     set_mtime(&f.root.join("x.bin"), 1_000_000);
     let known = HashMap::from([("x.bin".to_string(), hint)]);
-    let r = scan_with(
-        &f.store,
-        "d",
-        &f.root,
-        ScanOptions {
-            known,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = scan_known(&f, known);
     assert_eq!(r.files_read, 5, "x.bin and the sample files were read");
     assert_eq!(fresh_root(&f), r.root);
 }

@@ -106,6 +106,16 @@ fn read_all(rt: &tokio::runtime::Runtime, f: Fetcher, d: &Data) -> (Fetcher, Vec
     })
 }
 
+fn start(rt: &tokio::runtime::Runtime, d: &Data, peers: Vec<Arc<dyn ChunkPeer>>) -> Fetcher {
+    Fetcher::start(
+        rt.handle(),
+        &d.order,
+        peers,
+        small_windows(),
+        Default::default(),
+    )
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,13 +130,7 @@ fn chunks_come_from_several_peers_and_in_order() {
     let d = data(64);
     let (a, b) = (peer("a", d.bytes.clone()), peer("b", d.bytes.clone()));
     let (asked_a, asked_b) = (a.asked.clone(), b.asked.clone());
-    let f = Fetcher::start(
-        rt.handle(),
-        &d.order,
-        vec![Arc::new(a), Arc::new(b)],
-        small_windows(),
-        Default::default(),
-    );
+    let f = start(&rt, &d, vec![Arc::new(a), Arc::new(b)]);
     let (f, got) = read_all(&rt, f, &d);
     for (i, (c, g)) in d.order.iter().zip(&got).enumerate() {
         assert!(
@@ -152,13 +156,7 @@ fn a_failing_peer_is_dropped_and_its_windows_fetched_elsewhere() {
     let mut bad = peer("bad", d.bytes.clone());
     bad.fail_calls = true;
     let good = peer("good", d.bytes.clone());
-    let f = Fetcher::start(
-        rt.handle(),
-        &d.order,
-        vec![Arc::new(bad), Arc::new(good)],
-        small_windows(),
-        Default::default(),
-    );
+    let f = start(&rt, &d, vec![Arc::new(bad), Arc::new(good)]);
     let (f, got) = read_all(&rt, f, &d);
     assert!(got.iter().all(Option::is_some));
     let by_peer = f.received_by_peer();
@@ -180,13 +178,7 @@ fn a_partial_holder_serves_what_it_has_and_the_rest_comes_from_a_full_one() {
     let mut full = peer("full", d.bytes.clone());
     full.delay = Duration::from_millis(20);
     let partial = peer("partial", half);
-    let f = Fetcher::start(
-        rt.handle(),
-        &d.order,
-        vec![Arc::new(partial), Arc::new(full)],
-        small_windows(),
-        Default::default(),
-    );
+    let f = start(&rt, &d, vec![Arc::new(partial), Arc::new(full)]);
     let (f, got) = read_all(&rt, f, &d);
     assert!(got.iter().all(Option::is_some));
     let by_peer = f.received_by_peer();
@@ -202,12 +194,10 @@ fn a_chunk_no_peer_has_is_reported_missing_not_waited_for() {
     some.remove(&d.order[5].hash);
     let mut corrupting = peer("corrupting", d.bytes.clone());
     corrupting.corrupt.insert(d.order[5].hash);
-    let f = Fetcher::start(
-        rt.handle(),
-        &d.order,
+    let f = start(
+        &rt,
+        &d,
         vec![Arc::new(peer("a", some)), Arc::new(corrupting)],
-        small_windows(),
-        Default::default(),
     );
     let (_f, got) = read_all(&rt, f, &d);
     for (i, g) in got.iter().enumerate() {

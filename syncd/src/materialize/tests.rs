@@ -40,6 +40,18 @@ fn scan_and_diff(src: &Side, dst: &Side, before_diff: impl FnOnce()) -> Diff {
     .unwrap()
 }
 
+/// Applies `diff` to `dst` with `src`'s manifest and the given sources.
+fn apply_to(dst: &Side, diff: &Diff, src: &Side, sources: &[&dyn ChunkSource]) -> Result<Report> {
+    apply(
+        &dst.root,
+        diff,
+        &src.store,
+        sources,
+        &InFlight::default(),
+        &Default::default(),
+    )
+}
+
 fn write(root: &Path, rel: &str, data: &[u8]) {
     let p = root.join(rel);
     fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -73,15 +85,7 @@ fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
         inner: &remote,
         bytes: Cell::new(0),
     };
-    let report = apply(
-        &dst.root,
-        &diff,
-        &src.store,
-        &[&local, &remote],
-        &InFlight::default(),
-        &Default::default(),
-    )
-    .unwrap();
+    let report = apply_to(&dst, &diff, &src, &[&local, &remote]).unwrap();
     let after = scan(&dst.store, "www", &dst.root).unwrap();
     let want = scan(&src.store, "www", &src.root).unwrap();
     assert_eq!(
@@ -194,15 +198,7 @@ fn writes_never_go_through_a_symlink() {
         symlink(&outside, dst.root.join("sub")).unwrap();
     });
     let remote = chunks_of(&src);
-    let err = apply(
-        &dst.root,
-        &diff,
-        &src.store,
-        &[&remote],
-        &InFlight::default(),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err = apply_to(&dst, &diff, &src, &[&remote]).unwrap_err();
     assert!(
         matches!(err, MaterializeError::ThroughSymlink { .. }),
         "{err}"
@@ -239,15 +235,7 @@ fn corrupt_chunks_are_never_written() {
     let diff = scan_and_diff(&src, &dst, || {});
     let liar = Fixed(b"garbage".to_vec());
     // Only a lying source: the old file stays, no temp file remains.
-    let err = apply(
-        &dst.root,
-        &diff,
-        &src.store,
-        &[&liar],
-        &InFlight::default(),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let err = apply_to(&dst, &diff, &src, &[&liar]).unwrap_err();
     assert!(
         matches!(err, MaterializeError::ChunkUnavailable { .. }),
         "{err}"
@@ -256,15 +244,7 @@ fn corrupt_chunks_are_never_written() {
     assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 1);
     // A lying source first, an honest one second: correct bytes, lies counted.
     let honest = chunks_of(&src);
-    let report = apply(
-        &dst.root,
-        &diff,
-        &src.store,
-        &[&liar, &honest],
-        &InFlight::default(),
-        &Default::default(),
-    )
-    .unwrap();
+    let report = apply_to(&dst, &diff, &src, &[&liar, &honest]).unwrap();
     assert!(report.corrupt_chunks >= 1);
     assert_eq!(
         fs::read(dst.root.join("f")).unwrap(),
@@ -358,15 +338,7 @@ fn the_index_records_written_files_from_the_report_without_reading_them() {
     write(&src.root, "small", b"hello");
     let diff = scan_and_diff(&src, &dst, || {});
     let remote = chunks_of(&src);
-    let report = apply(
-        &dst.root,
-        &diff,
-        &src.store,
-        &[&remote],
-        &InFlight::default(),
-        &Default::default(),
-    )
-    .unwrap();
+    let report = apply_to(&dst, &diff, &src, &[&remote]).unwrap();
     let opts = indexer::ScanOptions {
         known: report.known,
         ..Default::default()
