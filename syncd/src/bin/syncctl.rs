@@ -126,7 +126,8 @@ async fn connect(socket: &std::path::Path) -> anyhow::Result<AdminClient<Channel
     let path = socket.to_path_buf();
     let channel = Endpoint::try_from("http://localhost")?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
+        // rescan returns when the scan is done: a large tree takes minutes.
+        .timeout(Duration::from_secs(30 * 60))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
