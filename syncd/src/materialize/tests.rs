@@ -85,7 +85,7 @@ fn sync(src: &Side, dst: &Side) -> (Report, u64, u64) {
         inner: &remote,
         bytes: Cell::new(0),
     };
-    let report = apply_to(&dst, &diff, &src, &[&local, &remote]).unwrap();
+    let report = apply_to(dst, &diff, src, &[&local, &remote]).unwrap();
     let after = scan(&dst.store, "www", &dst.root).unwrap();
     let want = scan(&src.store, "www", &src.root).unwrap();
     assert_eq!(
