@@ -111,7 +111,7 @@ fn fleet_of(node: &Node, dir: &DirState) -> Fleet {
         .map(|v| (v.version, v.root.clone()))
         .unwrap_or_default();
     let peers = node.peers.lock().unwrap();
-    let live = || peers.iter().filter(|(_, p)| p.state != Liveness::Down);
+    let live = || peers.iter().filter(|(_, p)| p.liveness() != Liveness::Down);
     for (_, p) in live() {
         if let Some(v) = p.holdings.get(&dir.id)
             && v.version > best.0
@@ -140,7 +140,7 @@ fn fleet_of(node: &Node, dir: &DirState) -> Fleet {
         list.push(pba::PeerVersion {
             node_id: id.clone(),
             version,
-            state: p.state.as_str().into(),
+            state: p.liveness().as_str().into(),
         });
     }
     list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -184,7 +184,7 @@ fn dir_status(node: &Node, dir: &DirState) -> pba::DirStatus {
 fn peer_counts(node: &Node) -> pba::PeerCounts {
     let mut c = pba::PeerCounts::default();
     for p in node.peers.lock().unwrap().values() {
-        match p.state {
+        match p.liveness() {
             Liveness::Alive => c.alive += 1,
             Liveness::Suspect => c.suspect += 1,
             Liveness::Down => c.dead += 1,
@@ -271,7 +271,7 @@ impl pba::admin_server::Admin for AdminService {
                     address: p.address.clone(),
                     labels: p.labels.clone().into_iter().collect(),
                     class: PeerClass::of(&node.labels, &p.labels).as_str().into(),
-                    state: p.state.as_str().into(),
+                    state: p.liveness().as_str().into(),
                     rtt_ms: p.rtt_ms,
                     bytes_sent: p.bytes_sent,
                     bytes_received: p.bytes_received,

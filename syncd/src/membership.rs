@@ -120,6 +120,19 @@ fn config(expected_members: usize) -> foca::Config {
         .expect("clamped to at least 2");
     let mut c = foca::Config::new_lan(size);
     c.max_packet_size = NonZeroUsize::new(MAX_PACKET).expect("non-zero");
+    // Announce (a full membership exchange, accepted whatever identity the
+    // receiver knows us by) more often than the LAN profile's 30 s / 65 s,
+    // so views that diverged across a partition or a rejoin converge in
+    // seconds.
+    let one = NonZeroUsize::new(1).expect("non-zero");
+    c.periodic_announce = Some(foca::PeriodicParams {
+        frequency: Duration::from_secs(5),
+        num_members: one,
+    });
+    c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+        frequency: Duration::from_secs(10),
+        num_members: NonZeroUsize::new(2).expect("non-zero"),
+    });
     c
 }
 
@@ -140,6 +153,11 @@ impl Swim {
         }
         let _ = self.tx.try_send(Input::Packet(data));
         Ok(())
+    }
+
+    /// Announces this node to `address` (a peer heard of some other way).
+    pub fn announce(&self, address: &str) {
+        let _ = self.tx.try_send(Input::Announce(address.to_string()));
     }
 
     /// Every member SWIM knows, with its state.
@@ -240,7 +258,15 @@ async fn run(
                     tracing::warn!("this node was declared down by the fleet; rejoining")
                 }
                 OwnedNotification::Rejoin(id) => {
-                    tracing::info!(bump = id.bump, "rejoined the fleet under a new identity")
+                    tracing::info!(bump = id.bump, "rejoined the fleet under a new identity");
+                    // Peers know us by the old identity and drop what is
+                    // addressed to it: tell every known address the new
+                    // one now instead of at the next periodic announce.
+                    for address in known.keys().chain(bootstrap.iter()) {
+                        if *address != me.address {
+                            let _ = tx.try_send(Input::Announce(address.clone()));
+                        }
+                    }
                 }
                 OwnedNotification::Idle => tracing::warn!("no live peer left"),
                 _ => {}
@@ -249,12 +275,24 @@ async fn run(
         // Report state changes, including suspicion, which foca does not
         // notify: compare with the last report after every input (a walk
         // of the member list; a node handles a few packets a second).
+        // Several identities may share an address for a while (a restart
+        // or rejoin: old one down, new one alive): the largest bump is
+        // the node as it is now.
+        let mut current: BTreeMap<&str, (&Ident, Liveness)> = BTreeMap::new();
         for m in foca.iter_membership_state() {
-            let (id, state) = (m.id(), liveness(m.state()));
+            let id = m.id();
             if id.node_id.is_empty() {
                 continue;
             }
-            let previous = known.insert(id.address.clone(), (id.clone(), state));
+            let newer = current
+                .get(id.address.as_str())
+                .is_none_or(|(seen, _)| id.bump > seen.bump);
+            if newer {
+                current.insert(&id.address, (id, liveness(m.state())));
+            }
+        }
+        for (address, (id, state)) in current {
+            let previous = known.insert(address.to_string(), (id.clone(), state));
             if previous.as_ref() != Some(&(id.clone(), state)) {
                 tracing::info!(peer = %id.node_id, address = %id.address, state = state.as_str(), "peer state changed");
                 members.member(id, state);

@@ -172,15 +172,35 @@ pub(crate) struct PeerState {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) holdings: HashMap<String, pb::DirVersion>,
     pub(crate) pulling: HashMap<String, pb::DirVersion>,
-    /// From SWIM; a peer first heard of through Exchange starts alive.
+    /// From SWIM, once SWIM has reported the peer (`swim`).
     pub(crate) state: Liveness,
+    pub(crate) swim: bool,
+    /// Last holdings exchange with it, either direction.
+    pub(crate) heard: std::time::Instant,
     /// Holdings exchange round trip, smoothed (0: not measured).
     pub(crate) rtt_ms: f64,
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
 }
 
+/// A peer SWIM has not reported yet (heard of only through holdings, e.g.
+/// just before a partition) counts as dead this long after it was last
+/// heard from.
+const UNCONFIRMED_FOR: Duration = Duration::from_secs(15);
+
 impl PeerState {
+    /// SWIM's verdict; for a peer SWIM has not reported, alive while its
+    /// holdings exchanges keep succeeding.
+    pub(crate) fn liveness(&self) -> Liveness {
+        if self.swim {
+            self.state
+        } else if self.heard.elapsed() < UNCONFIRMED_FOR {
+            Liveness::Alive
+        } else {
+            Liveness::Down
+        }
+    }
+
     fn new(address: String) -> PeerState {
         PeerState {
             address,
@@ -188,6 +208,8 @@ impl PeerState {
             holdings: HashMap::new(),
             pulling: HashMap::new(),
             state: Liveness::Alive,
+            swim: false,
+            heard: std::time::Instant::now(),
             rtt_ms: 0.0,
             bytes_sent: 0,
             bytes_received: 0,
@@ -251,6 +273,7 @@ impl Members for Node {
             .or_insert_with(|| PeerState::new(id.address.clone()));
         p.address = id.address.clone();
         p.state = state;
+        p.swim = true;
         drop(peers);
         if state != Liveness::Down {
             self.learned.notify_waiters();
@@ -363,9 +386,15 @@ impl Node {
         let holdings = by_dir(h.dirs)?;
         let pulling = by_dir(h.pulling)?;
         let mut peers = self.peers.lock().unwrap();
+        let new = !peers.contains_key(&from.node_id);
         let p = peers
             .entry(from.node_id.clone())
             .or_insert_with(|| PeerState::new(from.address.clone()));
+        p.heard = std::time::Instant::now();
+        if new && let Some(swim) = self.swim.get() {
+            // Let SWIM probe it too, rather than wait for gossip to bring it.
+            swim.announce(&from.address);
+        }
         p.address = from.address;
         p.labels = from.labels.into_iter().collect();
         p.holdings = holdings;
@@ -408,7 +437,7 @@ impl Node {
         let peers = self.peers.lock().unwrap();
         let best = peers
             .values()
-            .filter(|p| p.state != Liveness::Down)
+            .filter(|p| p.liveness() != Liveness::Down)
             .filter_map(|p| p.holdings.get(dir))
             .filter(|v| v.version > ours)
             .max_by_key(|v| v.version)?
@@ -418,7 +447,7 @@ impl Node {
         };
         let mut holders: Vec<Holder> = peers
             .iter()
-            .filter(|(_, p)| p.state != Liveness::Down)
+            .filter(|(_, p)| p.liveness() != Liveness::Down)
             .filter_map(|(id, p)| {
                 let partial = if same(p.holdings.get(dir)) {
                     false
@@ -450,7 +479,7 @@ impl Node {
             .lock()
             .unwrap()
             .values()
-            .filter(|p| p.state != Liveness::Down)
+            .filter(|p| p.liveness() != Liveness::Down)
             .map(|p| p.address.clone())
             .collect();
         for b in &self.bootstrap {
@@ -959,7 +988,7 @@ pub fn status_line(node: &Node) -> String {
         .lock()
         .unwrap()
         .values()
-        .filter(|p| p.state != Liveness::Down)
+        .filter(|p| p.liveness() != Liveness::Down)
         .count();
     let states: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
     let mut line = format!(

@@ -56,6 +56,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     /// Extra environment for the process.
     pub env: Vec<(String, String)>,
+    /// Network namespace to run in (`ip netns exec`), if any.
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -73,7 +75,24 @@ impl Daemon {
         peers: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        Daemon::build(tmp, name, ip, mode, peers, "", "", env)
+        let mut d = Daemon::build(tmp, name, ip, mode, peers, "", "", env);
+        d.start();
+        d
+    }
+
+    /// Like [`Daemon::new`], run inside network namespace `netns`.
+    pub fn in_netns(
+        tmp: &Path,
+        name: &str,
+        netns: &str,
+        ip: &str,
+        mode: &str,
+        peers: &[&str],
+    ) -> Daemon {
+        let mut d = Daemon::build(tmp, name, ip, mode, peers, "", "", &[]);
+        d.netns = Some(netns.to_string());
+        d.start();
+        d
     }
 
     /// Like [`Daemon::new`], with lines added to syncd.toml's `[node]`
@@ -87,7 +106,9 @@ impl Daemon {
         node_extra: &str,
         dir_extra: &str,
     ) -> Daemon {
-        Daemon::build(tmp, name, ip, mode, peers, node_extra, dir_extra, &[])
+        let mut d = Daemon::build(tmp, name, ip, mode, peers, node_extra, dir_extra, &[]);
+        d.start();
+        d
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -125,7 +146,7 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let mut d = Daemon {
+        Daemon {
             name: name.into(),
             socket: base.join("syncd.sock"),
             log: base.join("log"),
@@ -137,9 +158,8 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        d.start();
-        d
+            netns: None,
+        }
     }
 
     pub fn start(&mut self) {
@@ -148,7 +168,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = syncd()
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_syncd")]);
+                c
+            }
+            None => syncd(),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "syncd=info")
