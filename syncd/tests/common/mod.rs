@@ -75,9 +75,7 @@ impl Daemon {
         peers: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        let mut d = Daemon::build(tmp, name, ip, mode, peers, "", "", env);
-        d.start();
-        d
+        Daemon::build(tmp, name, ip, mode, peers, "", "", env).started()
     }
 
     /// Like [`Daemon::new`], run inside network namespace `netns`.
@@ -91,8 +89,7 @@ impl Daemon {
     ) -> Daemon {
         let mut d = Daemon::build(tmp, name, ip, mode, peers, "", "", &[]);
         d.netns = Some(netns.to_string());
-        d.start();
-        d
+        d.started()
     }
 
     /// Like [`Daemon::new`], with lines added to syncd.toml's `[node]`
@@ -106,9 +103,12 @@ impl Daemon {
         node_extra: &str,
         dir_extra: &str,
     ) -> Daemon {
-        let mut d = Daemon::build(tmp, name, ip, mode, peers, node_extra, dir_extra, &[]);
-        d.start();
-        d
+        Daemon::build(tmp, name, ip, mode, peers, node_extra, dir_extra, &[]).started()
+    }
+
+    fn started(mut self) -> Daemon {
+        self.start();
+        self
     }
 
     #[allow(clippy::too_many_arguments)]
