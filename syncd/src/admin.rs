@@ -25,7 +25,8 @@ use crate::topology::PeerClass;
 /// The group allowed to use the socket besides root.
 pub const ADMIN_GROUP: &str = "syncd";
 
-fn hex(b: &[u8]) -> String {
+/// Lowercase hex, as roots are shown to operators and hooks.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -35,7 +35,7 @@ pub async fn run_hooks(node: Arc<Node>, dir: Arc<DirState>) {
         let Some(version) = rx.borrow_and_update().clone() else {
             continue;
         };
-        let root: String = version.root.iter().map(|b| format!("{b:02x}")).collect();
+        let root = crate::admin::hex(&version.root);
         let started = std::time::Instant::now();
         let child = tokio::process::Command::new(&dir.hook[0])
             .args(&dir.hook[1..])

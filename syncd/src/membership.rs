@@ -2,10 +2,11 @@
 //! the peer gRPC channel (`Peer.Swim`, one packet per call, fire and forget).
 //!
 //! One task owns the `Foca` instance and takes its inputs from a channel:
-//! packets from peers, its own timers, announces to bootstrap addresses,
-//! snapshot requests. After each input it drains foca's runtime: packets go
-//! out as spawned gRPC calls, timers as spawned sleeps that feed back into
-//! the channel, membership changes go to the node.
+//! packets from peers, its own timers, and announces (to bootstrap
+//! addresses and to peers heard of through holdings). After each input it
+//! drains foca's runtime: packets go out as spawned gRPC calls, timers as
+//! spawned sleeps that feed back into the channel, membership changes go to
+//! the node.
 //!
 //! Identities are (address, node id, bump). The address is foca's `Addr`:
 //! a node announces to a bootstrap address without knowing who is there,
@@ -22,7 +23,7 @@ use foca::{Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use sync_proto::pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Largest SWIM packet sent or accepted.
 pub const MAX_PACKET: usize = 32 << 10;
@@ -93,7 +94,6 @@ enum Input {
     Packet(Bytes),
     Timer(Timer<Ident>),
     Announce(String),
-    Snapshot(oneshot::Sender<Vec<(Ident, Liveness)>>),
 }
 
 /// Handle to the SWIM task.
@@ -108,7 +108,6 @@ impl std::fmt::Debug for Input {
             Input::Packet(_) => "Packet",
             Input::Timer(_) => "Timer",
             Input::Announce(_) => "Announce",
-            Input::Snapshot(_) => "Snapshot",
         })
     }
 }
@@ -158,15 +157,6 @@ impl Swim {
     /// Announces this node to `address` (a peer heard of some other way).
     pub fn announce(&self, address: &str) {
         let _ = self.tx.try_send(Input::Announce(address.to_string()));
-    }
-
-    /// Every member SWIM knows, with its state.
-    pub async fn snapshot(&self) -> Vec<(Ident, Liveness)> {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Input::Snapshot(tx)).await.is_err() {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
     }
 }
 
@@ -221,14 +211,6 @@ async fn run(
                 },
                 &mut rt,
             ),
-            Input::Snapshot(reply) => {
-                let _ = reply.send(
-                    foca.iter_membership_state()
-                        .map(|m| (m.id().clone(), liveness(m.state())))
-                        .collect(),
-                );
-                Ok(())
-            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "SWIM input rejected");

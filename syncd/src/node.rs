@@ -772,7 +772,7 @@ fn pull_locked(
             .with_label_values(&labels)
             .inc_by(chunks);
     }
-    let report = applied
+    let mut report = applied
         .with_context(|| format!("materializing {:?} version {}", dir.id, version.version))?;
     let (m, id) = (&node.metrics, [dir.id.as_str()]);
     m.files_materialized
@@ -791,7 +791,7 @@ fn pull_locked(
     // Files just written are recorded from what was written, not read
     // again; anything touched since is read as usual.
     let opts = indexer::ScanOptions {
-        known: report.known.clone(),
+        known: std::mem::take(&mut report.known),
         ignore: dir.ignore.clone(),
         ..Default::default()
     };
