@@ -69,6 +69,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// A tree that decodes node by node but is not acceptable as a whole:
+    /// names repeated across pages, reserved names, or more work than the
+    /// version declared.
+    #[error("manifest from {origin} is invalid: {reason}")]
+    InvalidTree { origin: Origin, reason: String },
+
+    /// The version's files would not fit on the local disk.
+    #[error(
+        "the version does not fit: its files need more than {room} bytes (free space plus \
+         what is there now, less min_free_space), reached at {path:?} with {needed}"
+    )]
+    DoesNotFit {
+        needed: u64,
+        room: u64,
+        path: String,
+    },
+
     #[error("manifest node {hash} not found in {origin}")]
     MissingNode { hash: Hash, origin: Origin },
 

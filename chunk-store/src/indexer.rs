@@ -15,12 +15,15 @@
 //! job. Files modified while being read are read again.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, Metadata};
+use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use rayon::prelude::*;
 
 use crate::chunker::chunk_reader;
@@ -95,6 +98,7 @@ struct WalkedDir {
 
 struct Pending {
     rel: String,
+    /// For messages only: files are opened beneath the root handle.
     abs: PathBuf,
     size: u64,
     /// Recorded from a caller's hint instead of being read.
@@ -122,6 +126,48 @@ pub fn mtime_of(m: &Metadata) -> Mtime {
     }
 }
 
+/// What a scan needs of a file's status, from `lstat` of a directory entry
+/// or `fstat` of an opened file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub len: u64,
+    pub mtime: Mtime,
+    pub ino: u64,
+    pub dev: u64,
+    /// Permission bits (0o7777).
+    pub mode: u32,
+}
+
+impl Stat {
+    pub fn of(m: &Metadata) -> Stat {
+        Stat {
+            len: m.len(),
+            mtime: mtime_of(m),
+            ino: m.ino(),
+            dev: m.dev(),
+            mode: m.mode() & 0o7777,
+        }
+    }
+
+    fn of_cap(m: &cap_std::fs::Metadata) -> Stat {
+        use cap_std::fs::MetadataExt as _;
+        Stat {
+            len: m.len(),
+            mtime: Mtime {
+                secs: m.mtime(),
+                nanos: m.mtime_nsec() as u32,
+            },
+            ino: m.ino(),
+            dev: m.dev(),
+            mode: m.mode() & 0o7777,
+        }
+    }
+}
+
+/// Set-user-id and set-group-id bits: never published for regular files
+/// unless the directory allows them (see [`ScanOptions::keep_setid`]).
+pub const SETID_BITS: u32 = 0o6000;
+
 /// Options of [`scan_with`].
 #[derive(Clone, Debug, Default)]
 pub struct ScanOptions {
@@ -137,6 +183,14 @@ pub struct ScanOptions {
     pub known: HashMap<String, KnownFile>,
     /// Paths neither published nor entered.
     pub ignore: Ignore,
+    /// Files larger than this are left out (logged and counted as
+    /// skipped): chunking a 2^50-byte sparse file would take weeks and its
+    /// chunk list would not fit in memory. `None`: no limit.
+    pub max_file_size: Option<u64>,
+    /// Publish set-user-id / set-group-id bits of regular files. Off by
+    /// default: a replica would otherwise create setuid programs because a
+    /// peer said so.
+    pub keep_setid: bool,
 }
 
 /// A file the caller wrote and whose content it knows chunk by chunk.
@@ -151,14 +205,14 @@ pub struct KnownFile {
 }
 
 impl KnownFile {
-    /// The hint as it applies to a file with metadata `m`, if it still does.
-    fn matching(&self, m: &Metadata) -> Option<Chunked> {
+    /// The hint as it applies to a file with status `m`, if it still does.
+    fn matching(&self, m: &Stat, mode: u32) -> Option<Chunked> {
         let total: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
         if total != self.size
-            || m.len() != self.size
-            || mtime_of(m) != self.mtime
-            || m.ino() != self.inode
-            || m.dev() != self.dev
+            || m.len != self.size
+            || m.mtime != self.mtime
+            || m.ino != self.inode
+            || m.dev != self.dev
         {
             return None;
         }
@@ -181,7 +235,7 @@ impl KnownFile {
         Some(Chunked {
             record: FileRecord {
                 meta: EntryMeta::File {
-                    mode: m.mode() & 0o7777,
+                    mode,
                     size: self.size,
                     mtime: self.mtime,
                     recipe,
@@ -243,18 +297,47 @@ pub fn scan_with(
         walk_seconds: 0.0,
     };
 
-    // 1. Walk.
+    // 1. Walk, beneath one handle on the root: every directory is opened
+    //    from it without following a symlink at its own name, so a
+    //    directory swapped for a symlink mid-scan cannot lead the walk (or
+    //    a file open) outside the root.
+    let top =
+        Dir::open_ambient_dir(root, ambient_authority()).map_err(|e| Error::RootUnavailable {
+            path: root.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let file_mode = |mode: u32| {
+        if opts.keep_setid {
+            mode
+        } else {
+            mode & !SETID_BITS
+        }
+    };
     let mut dirs: Vec<WalkedDir> = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
     let mut seen: HashSet<String> = HashSet::with_capacity(old.len());
     let root_mode = fs::metadata(root).map_err(|e| Error::io(root, e))?.mode() & 0o7777;
-    let mut todo = vec![(String::new(), root.to_path_buf(), root_mode)];
-    while let Some((rel, abs, mode)) = todo.pop() {
+    let mut todo = vec![(String::new(), root_mode)];
+    while let Some((rel, mode)) = todo.pop() {
         let mut items = Vec::new();
-        let rd = match fs::read_dir(&abs) {
+        let abs = root.join(&rel);
+        let opened = if rel.is_empty() {
+            top.try_clone()
+        } else {
+            top.open_dir_nofollow(&rel)
+        };
+        let listing = opened.and_then(|d| d.entries());
+        let rd = match listing {
             Ok(rd) => rd,
-            // A sub-directory removed since its parent was listed: empty.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => {
+            // A sub-directory removed (or replaced by something else) since
+            // its parent was listed: empty for this scan; the watcher
+            // brings the change.
+            Err(e)
+                if !rel.is_empty()
+                    && (e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+                        || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())) =>
+            {
                 dirs.push(WalkedDir { rel, mode, items });
                 continue;
             }
@@ -263,11 +346,15 @@ pub fn scan_with(
         for entry in rd {
             let entry = entry.map_err(|e| Error::io(&abs, e))?;
             let Ok(name) = entry.file_name().into_string() else {
-                tracing::warn!(path = %entry.path().display(), "skipping entry whose name is not UTF-8");
+                tracing::warn!(path = %abs.join(entry.file_name()).display(), "skipping entry whose name is not UTF-8");
                 report.skipped += 1;
                 continue;
             };
             let child_rel = join(&rel, &name);
+            if name.starts_with(manifest::RESERVED_PREFIX) {
+                // The materializer's temp files: never content.
+                continue;
+            }
             if !opts.ignore.is_empty()
                 && opts
                     .ignore
@@ -275,17 +362,19 @@ pub fn scan_with(
             {
                 continue;
             }
+            let child_abs = abs.join(&name);
             if child_rel.len() > MAX_PATH_LEN {
-                tracing::warn!(path = %entry.path().display(), "skipping path longer than {MAX_PATH_LEN} bytes");
+                tracing::warn!(path = %child_abs.display(), "skipping path longer than {MAX_PATH_LEN} bytes");
                 report.skipped += 1;
                 continue;
             }
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(entry.path(), e)),
+                Err(e) => return Err(Error::io(&child_abs, e)),
             };
             let ft = meta.file_type();
+            let stat = Stat::of_cap(&meta);
             if ft.is_dir() {
                 seen.insert(child_rel.clone());
                 // Index assigned when popped; remember it by position.
@@ -293,23 +382,40 @@ pub fn scan_with(
                     name,
                     index: usize::MAX,
                 });
-                todo.push((child_rel, entry.path(), meta.mode() & 0o7777));
+                todo.push((child_rel, stat.mode));
             } else if ft.is_file() {
+                if let Some(max) = opts.max_file_size
+                    && stat.len > max
+                {
+                    tracing::warn!(path = %child_abs.display(), size = stat.len, max, "skipping file larger than max_file_size");
+                    report.skipped += 1;
+                    continue;
+                }
+                if !manifest::MTIME_SECS.contains(&stat.mtime.secs) {
+                    // Replicas refuse such times (file systems clamp
+                    // them): publishing one would block the whole version.
+                    tracing::warn!(path = %child_abs.display(), mtime = stat.mtime.secs, "skipping file whose modification time is outside 1901..2514");
+                    report.skipped += 1;
+                    continue;
+                }
                 seen.insert(child_rel.clone());
                 let state = match old.get(&child_rel) {
-                    Some(rec) if unchanged(rec, &meta) => {
+                    Some(rec) if unchanged(rec, &stat) => {
                         let mut rec = rec.clone();
                         if let EntryMeta::File { mode, .. } = &mut rec.meta {
-                            *mode = meta.mode() & 0o7777;
+                            *mode = file_mode(stat.mode);
                         }
                         FileState::Reused(rec)
                     }
                     _ => {
-                        let known = opts.known.get(&child_rel).and_then(|k| k.matching(&meta));
+                        let known = opts
+                            .known
+                            .get(&child_rel)
+                            .and_then(|k| k.matching(&stat, file_mode(stat.mode)));
                         pending.push(Pending {
                             rel: child_rel,
-                            abs: entry.path(),
-                            size: meta.len(),
+                            abs: child_abs,
+                            size: stat.len,
                             known,
                         });
                         FileState::Pending(pending.len() - 1)
@@ -317,10 +423,10 @@ pub fn scan_with(
                 };
                 items.push(Item::File { name, state });
             } else if ft.is_symlink() {
-                let target = match fs::read_link(entry.path()) {
+                let target = match top.read_link_contents(&child_rel) {
                     Ok(t) => t,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(Error::io(entry.path(), e)),
+                    Err(e) => return Err(Error::io(&child_abs, e)),
                 };
                 match target.into_os_string().into_string() {
                     Ok(target)
@@ -330,12 +436,12 @@ pub fn scan_with(
                         items.push(Item::Symlink { name, target });
                     }
                     _ => {
-                        tracing::warn!(path = %entry.path().display(), "skipping symlink whose target is not UTF-8 or too long");
+                        tracing::warn!(path = %child_abs.display(), "skipping symlink whose target is not UTF-8 or too long");
                         report.skipped += 1;
                     }
                 }
             } else {
-                tracing::debug!(path = %entry.path().display(), "skipping special file");
+                tracing::debug!(path = %child_abs.display(), "skipping special file");
                 report.skipped += 1;
             }
         }
@@ -374,7 +480,7 @@ pub fn scan_with(
             .par_iter_mut()
             .map(|p| match p.known.take() {
                 Some(c) => Ok(Read::Known(c)),
-                None => chunk_file(&cfg, &p.abs),
+                None => chunk_file(&cfg, &top, &p.rel, &p.abs, &opts),
             })
             .collect();
         let mut batch = store.batch();
@@ -384,6 +490,14 @@ pub fn scan_with(
                 Read::Done(c) => (c, true),
                 Read::Known(c) => (c, false),
                 Read::Vanished => {
+                    seen.remove(&p.rel);
+                    continue;
+                }
+                Read::NotRegular => {
+                    // Swapped for a symlink, FIFO or device since the walk
+                    // listed it: never read through it.
+                    tracing::warn!(path = %p.abs.display(), "skipping: no longer a regular file when opened");
+                    report.skipped += 1;
                     seen.remove(&p.rel);
                     continue;
                 }
@@ -557,10 +671,10 @@ pub fn scan_with(
     Ok(report)
 }
 
-fn unchanged(rec: &FileRecord, m: &Metadata) -> bool {
+fn unchanged(rec: &FileRecord, m: &Stat) -> bool {
     match &rec.meta {
         EntryMeta::File { size, mtime, .. } => {
-            *size == m.len() && *mtime == mtime_of(m) && rec.inode == m.ino() && rec.dev == m.dev()
+            *size == m.len && *mtime == m.mtime && rec.inode == m.ino && rec.dev == m.dev
         }
         _ => false,
     }
@@ -591,20 +705,65 @@ enum Read {
     /// Taken from the caller's hint, not read.
     Known(Chunked),
     Vanished,
+    /// Not a regular file once opened (decided by `fstat` of the fd).
+    NotRegular,
     /// Modified while read, every attempt.
     Unstable,
 }
 
-/// Chunks one file.
-fn chunk_file(cfg: &crate::ChunkerConfig, path: &Path) -> Result<Read, Error> {
+/// Opens `rel` beneath `top` for reading: the last component is never
+/// followed if it is a symlink (`O_NOFOLLOW`), and a FIFO or device swapped
+/// in since the walk does not block the open (`O_NONBLOCK`; `O_NOCTTY` so
+/// a terminal never becomes ours). The caller decides from `fstat` of the
+/// returned file, not from the earlier `lstat`.
+pub fn open_beneath(top: &Dir, rel: &str) -> io::Result<fs::File> {
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+    let f = top.open_with(
+        rel,
+        OpenOptions::new()
+            .read(true)
+            .follow(FollowSymlinks::No)
+            .custom_flags(flags.bits() as i32),
+    )?;
+    Ok(f.into_std())
+}
+
+/// Chunks one file, opened beneath the root handle.
+fn chunk_file(
+    cfg: &crate::ChunkerConfig,
+    top: &Dir,
+    rel: &str,
+    path: &Path,
+    opts: &ScanOptions,
+) -> Result<Read, Error> {
+    use rustix::io::Errno;
+    let keep_setid = opts.keep_setid;
     for _ in 0..READ_ATTEMPTS {
-        let file = match File::open(path) {
+        let file = match open_beneath(top, rel) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Read::Vanished),
+            // O_NOFOLLOW on a symlink; a socket or a device without a
+            // driver swapped in since the walk.
+            Err(e)
+                if [Errno::LOOP, Errno::NXIO, Errno::NODEV, Errno::OPNOTSUPP]
+                    .iter()
+                    .any(|x| e.raw_os_error() == Some(x.raw_os_error())) =>
+            {
+                return Ok(Read::NotRegular);
+            }
             Err(e) => return Err(Error::io(path, e)),
         };
         let before = file.metadata().map_err(|e| Error::io(path, e))?;
-        let mut chunks = Vec::with_capacity((before.len() / u64::from(cfg.avg())) as usize + 1);
+        if !before.is_file() {
+            return Ok(Read::NotRegular);
+        }
+        if opts.max_file_size.is_some_and(|max| before.len() > max) {
+            // Grew past the limit since the walk.
+            return Ok(Read::NotRegular);
+        }
+        // Grown as chunks are cut, never sized from the file's length: a
+        // sparse file may declare petabytes.
+        let mut chunks = Vec::new();
         let len =
             chunk_reader(cfg, &file, |c, _| chunks.push(c)).map_err(|e| Error::io(path, e))?;
         let after = file.metadata().map_err(|e| Error::io(path, e))?;
@@ -625,10 +784,11 @@ fn chunk_file(cfg: &crate::ChunkerConfig, path: &Path) -> Result<Read, Error> {
                 .collect(),
             &mut nodes,
         )?;
+        let mode = after.mode() & 0o7777;
         return Ok(Read::Done(Chunked {
             record: FileRecord {
                 meta: EntryMeta::File {
-                    mode: after.mode() & 0o7777,
+                    mode: if keep_setid { mode } else { mode & !SETID_BITS },
                     size: len,
                     mtime: mtime_of(&after),
                     recipe,

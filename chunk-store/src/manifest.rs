@@ -57,6 +57,14 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_SYMLINK_TARGET: usize = 4095;
 /// FastCDC's largest possible chunk; a recipe entry above it is forged.
 pub const MAX_CHUNK_LEN: u32 = fastcdc::v2020::MAXIMUM_MAX as u32;
+/// Names starting with this are the materializer's temp files: never
+/// published by the indexer, refused in a peer's tree (a published one
+/// would be deleted as a stale temp and restored on every apply).
+pub const RESERVED_PREFIX: &str = ".syncd-tmp.";
+/// Modification times accepted from a peer: 1901-12-13 (i32::MIN) to
+/// 2514 (2^34 s). Outside that, Linux file systems clamp or refuse the
+/// value, the replica's root can never match, and nothing real has one.
+pub const MTIME_SECS: std::ops::Range<i64> = (i32::MIN as i64)..(1 << 34);
 /// Hard cap on entries per node for the decoder (the builder stays below).
 const MAX_NODE_ENTRIES: usize = 8192;
 /// Index levels. Each index level at least halves the node count (min two
@@ -543,6 +551,59 @@ impl NodeSink for MemNodes {
     }
 }
 
+/// A node source that remembers what it fetched, so a tree whose pages
+/// repeat (it is a DAG: identical sub-directories or recipe pages) costs one
+/// fetch per distinct node, not one per reference. Bounded: past `cap`
+/// bytes it starts over (nodes are verified by hash on every load, so a
+/// cached copy is as good as a fresh one).
+#[derive(Debug)]
+pub struct CachedNodes<'a, S: NodeSource + ?Sized> {
+    inner: &'a S,
+    cache: std::cell::RefCell<(HashMap<Hash, Vec<u8>>, usize)>,
+    cap: usize,
+    fetched: std::cell::Cell<u64>,
+}
+
+impl<'a, S: NodeSource + ?Sized> CachedNodes<'a, S> {
+    pub fn new(inner: &'a S, cap: usize) -> Self {
+        CachedNodes {
+            inner,
+            cache: Default::default(),
+            cap,
+            fetched: Default::default(),
+        }
+    }
+
+    /// Nodes fetched from the inner source.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.get()
+    }
+}
+
+impl<S: NodeSource + ?Sized> NodeSource for CachedNodes<'_, S> {
+    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(b) = self.cache.borrow().0.get(hash) {
+            return Ok(Some(b.clone()));
+        }
+        self.fetched.set(self.fetched.get() + 1);
+        let got = self.inner.get_node(hash)?;
+        if let Some(b) = &got {
+            let mut c = self.cache.borrow_mut();
+            if c.1 + b.len() > self.cap {
+                c.0.clear();
+                c.1 = 0;
+            }
+            c.1 += b.len();
+            c.0.insert(*hash, b.clone());
+        }
+        Ok(got)
+    }
+
+    fn origin(&self) -> Origin {
+        self.inner.origin()
+    }
+}
+
 /// Fetches, verifies and decodes one node; `level` is checked when the
 /// parent told us what it must be.
 pub fn load_node(
@@ -759,7 +820,140 @@ pub fn build_from_paths(
     finish(top, sink)
 }
 
-/// Reads a whole recipe, in order.
+/// Streams the recipe of a file a peer described as `size` bytes, chunk by
+/// chunk, checking as it goes that it is one a chunker could have cut:
+/// chunks cover exactly `size` bytes, every chunk but the last is at least
+/// `min_chunk` long, no page is empty (but an empty file's), and the tree
+/// has no more nodes than that many chunks need. So a recipe reusing one
+/// page a million times fails after `size` bytes, one of empty pages fails
+/// at once, and nothing is held but the path to the current page.
+pub fn read_recipe_checked<'a>(
+    src: &'a dyn NodeSource,
+    root: &Hash,
+    size: u64,
+    min_chunk: u32,
+) -> RecipeReader<'a> {
+    let max_chunks = size / u64::from(min_chunk.max(1)) + 1;
+    RecipeReader {
+        src,
+        root: *root,
+        size,
+        min_chunk,
+        stack: vec![(*root, None)],
+        leaf: Vec::new().into_iter(),
+        total: 0,
+        prev_len: None,
+        nodes: 0,
+        // Every page holds a chunk, and an index node at least one child:
+        // an honest tree has fewer index nodes than leaves, plus its depth.
+        max_nodes: max_chunks
+            .saturating_mul(2)
+            .saturating_add(u64::from(MAX_LEVEL) + 1),
+        done: false,
+    }
+}
+
+/// See [`read_recipe_checked`]. Yields chunks in file order; an `Err` ends
+/// the stream.
+#[derive(Debug)]
+pub struct RecipeReader<'a> {
+    src: &'a dyn NodeSource,
+    root: Hash,
+    size: u64,
+    min_chunk: u32,
+    stack: Vec<(Hash, Option<u8>)>,
+    leaf: std::vec::IntoIter<ChunkEntry>,
+    total: u64,
+    prev_len: Option<u32>,
+    nodes: u64,
+    max_nodes: u64,
+    done: bool,
+}
+
+impl std::fmt::Debug for dyn NodeSource + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeSource({})", self.origin())
+    }
+}
+
+impl RecipeReader<'_> {
+    fn invalid(&self, reason: String) -> Error {
+        Error::InvalidTree {
+            origin: self.src.origin(),
+            reason: format!("recipe {}: {reason}", self.root),
+        }
+    }
+
+    fn step(&mut self) -> Result<Option<ChunkEntry>, Error> {
+        loop {
+            if let Some(c) = self.leaf.next() {
+                if let Some(prev) = self.prev_len
+                    && prev < self.min_chunk
+                {
+                    return Err(self.invalid(format!(
+                        "a chunk of {prev} bytes before the end (minimum {})",
+                        self.min_chunk
+                    )));
+                }
+                self.total += u64::from(c.len);
+                if self.total > self.size {
+                    return Err(
+                        self.invalid(format!("covers more than the file's {} bytes", self.size))
+                    );
+                }
+                self.prev_len = Some(c.len);
+                return Ok(Some(c));
+            }
+            let Some((hash, level)) = self.stack.pop() else {
+                if self.total != self.size {
+                    return Err(self.invalid(format!(
+                        "covers {} bytes but the file has {}",
+                        self.total, self.size
+                    )));
+                }
+                return Ok(None);
+            };
+            self.nodes += 1;
+            if self.nodes > self.max_nodes {
+                return Err(self.invalid(format!(
+                    "more than {} pages for a file of {} bytes",
+                    self.max_nodes, self.size
+                )));
+            }
+            match load_node(self.src, &hash, Tree::Recipe, level)? {
+                Node::RecipeLeaf(chunks) => {
+                    if chunks.is_empty() && !(hash == self.root && self.size == 0) {
+                        return Err(self.invalid("an empty page".into()));
+                    }
+                    self.leaf = chunks.into_iter();
+                }
+                Node::Index {
+                    level, children, ..
+                } => self
+                    .stack
+                    .extend(children.iter().rev().map(|c| (c.hash, Some(level - 1)))),
+                Node::DirLeaf(_) => unreachable!("load_node checked the tree"),
+            }
+        }
+    }
+}
+
+impl Iterator for RecipeReader<'_> {
+    type Item = Result<ChunkEntry, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.step();
+        if !matches!(r, Ok(Some(_))) {
+            self.done = true;
+        }
+        r.transpose()
+    }
+}
+
+/// Reads a whole recipe, in order (trusted sources: the local index).
 pub fn read_recipe(src: &dyn NodeSource, root: &Hash) -> Result<Vec<ChunkEntry>, Error> {
     let mut out = Vec::new();
     let mut stack = vec![(*root, None)];
@@ -840,6 +1034,165 @@ pub struct Diff {
     pub nodes_visited: u64,
 }
 
+/// Bounds on the work of one diff, from what the remote version declares
+/// (its entry count and total bytes) and the directory's own caps. A tree
+/// is a DAG: pages may be referenced many times, so a few distinct nodes
+/// can describe millions of paths or a file of 2^60 bytes. The diff stops
+/// with [`Error::InvalidTree`] as soon as the remote side exceeds a bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffLimits {
+    /// Remote entries (files, directories, symlinks) taken in as added or
+    /// modified.
+    pub max_entries: u64,
+    /// Declared sizes of added or modified files, and the lengths of the
+    /// missing chunks (each at most the sum of the files' sizes).
+    pub max_bytes: u64,
+    /// Remote nodes read.
+    pub max_nodes: u64,
+    /// What could be on the local disk once applied (its free space plus
+    /// what is there now): a tree whose files need more does not fit,
+    /// whatever it declares.
+    pub disk_bytes: u64,
+}
+
+impl DiffLimits {
+    /// No bounds: trusted trees (tests, tools, the local index).
+    pub const NONE: DiffLimits = DiffLimits {
+        max_entries: u64::MAX,
+        max_bytes: u64::MAX,
+        max_nodes: u64::MAX,
+        disk_bytes: u64::MAX,
+    };
+
+    /// The bounds for a version that declares `entries` entries and
+    /// `bytes` bytes of files. Nodes: a directory leaf holds at least 8
+    /// entries and a recipe leaf 16 chunks (except the last of each
+    /// directory or file), each index level at least halves the count,
+    /// and a chunk is at least `min_chunk` bytes (except a file's last),
+    /// so an honest tree has fewer than `4·entries + 2·bytes/(16·min_chunk)`
+    /// nodes; 64 more cover the smallest trees.
+    pub fn declared(entries: u64, bytes: u64, min_chunk: u32) -> DiffLimits {
+        let per_leaf = 16 * u64::from(min_chunk.max(1));
+        DiffLimits {
+            max_entries: entries,
+            max_bytes: bytes,
+            max_nodes: 64u64
+                .saturating_add(entries.saturating_mul(4))
+                .saturating_add((bytes / per_leaf).saturating_mul(2)),
+            disk_bytes: u64::MAX,
+        }
+    }
+
+    /// These limits, with bytes (and the node budget they allow) capped by
+    /// what could fit on the disk: a peer declaring 2^64 bytes gets no
+    /// larger a budget than the disk.
+    pub fn on_disk(self, disk_bytes: u64, min_chunk: u32) -> DiffLimits {
+        let capped =
+            DiffLimits::declared(self.max_entries, self.max_bytes.min(disk_bytes), min_chunk);
+        DiffLimits {
+            max_bytes: self.max_bytes,
+            disk_bytes,
+            ..capped
+        }
+    }
+}
+
+/// What a diff has spent of its [`DiffLimits`].
+#[derive(Debug)]
+struct Budget {
+    limits: DiffLimits,
+    entries: u64,
+    bytes: u64,
+    chunk_bytes: u64,
+    remote_nodes: u64,
+}
+
+impl Budget {
+    fn over(what: String) -> Error {
+        Error::InvalidTree {
+            origin: Origin::Remote,
+            reason: what,
+        }
+    }
+
+    fn node(&mut self, origin: Origin) -> Result<(), Error> {
+        if origin == Origin::Remote {
+            self.remote_nodes += 1;
+            if self.remote_nodes > self.limits.max_nodes {
+                return Err(Self::over(format!(
+                    "its tree has more than {} nodes, more than the version's declared size allows",
+                    self.limits.max_nodes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, path: &str, size: u64) -> Result<(), Error> {
+        self.entries += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        if self.entries > self.limits.max_entries {
+            return Err(Self::over(format!(
+                "it has more than the {} entries the version declares (at {path:?})",
+                self.limits.max_entries
+            )));
+        }
+        if self.bytes > self.limits.max_bytes {
+            return Err(Self::over(format!(
+                "its files hold more than the {} bytes the version declares (at {path:?})",
+                self.limits.max_bytes
+            )));
+        }
+        if self.bytes > self.limits.disk_bytes {
+            return Err(Error::DoesNotFit {
+                needed: self.bytes,
+                room: self.limits.disk_bytes,
+                path: path.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn chunk(&mut self, len: u32) -> Result<(), Error> {
+        self.chunk_bytes += u64::from(len);
+        if self.chunk_bytes > self.limits.max_bytes {
+            return Err(Self::over(format!(
+                "its missing chunks exceed the {} bytes the version declares",
+                self.limits.max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an entry a peer's tree holds at `path`: reserved names and
+/// modification times no file system keeps.
+fn check_remote_entry(
+    origin: Origin,
+    path: &str,
+    name: &str,
+    meta: &EntryMeta,
+) -> Result<(), Error> {
+    let bad = |reason: String| Error::InvalidTree {
+        origin,
+        reason: format!("{path:?}: {reason}"),
+    };
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(bad(format!(
+            "names starting with {RESERVED_PREFIX:?} are reserved for syncd's temp files"
+        )));
+    }
+    if let EntryMeta::File { mtime, .. } = meta
+        && !MTIME_SECS.contains(&mtime.secs)
+    {
+        return Err(bad(format!(
+            "modification time {} s is outside what file systems store",
+            mtime.secs
+        )));
+    }
+    Ok(())
+}
+
 enum Item {
     /// A node not yet read; `level` is unknown for a tree's root.
     Node {
@@ -867,11 +1220,12 @@ struct Cursor<'a> {
 }
 
 impl Cursor<'_> {
-    fn expand(&mut self, visited: &mut u64) -> Result<(), Error> {
+    fn expand(&mut self, visited: &mut u64, budget: &mut Budget) -> Result<(), Error> {
         let Some(Item::Node { hash, level }) = self.stack.pop() else {
             unreachable!("expand called on an entry")
         };
         *visited += 1;
+        budget.node(self.src.origin())?;
         match load_node(self.src, &hash, Tree::Dir, level)? {
             Node::DirLeaf(entries) => self
                 .stack
@@ -888,6 +1242,28 @@ impl Cursor<'_> {
     }
 }
 
+/// The last name in a (trusted, local) directory page: down the rightmost
+/// children to a leaf.
+fn last_name(
+    src: &dyn NodeSource,
+    hash: &Hash,
+    level: Option<u8>,
+) -> Result<Option<String>, Error> {
+    let (mut hash, mut level) = (*hash, level);
+    loop {
+        match load_node(src, &hash, Tree::Dir, level)? {
+            Node::DirLeaf(entries) => return Ok(entries.last().map(|e| e.name.clone())),
+            Node::Index {
+                level: l, children, ..
+            } => match children.last() {
+                Some(c) => (hash, level) = (c.hash, Some(l - 1)),
+                None => return Ok(None),
+            },
+            Node::RecipeLeaf(_) => unreachable!("load_node checked the tree"),
+        }
+    }
+}
+
 struct Differ<'a> {
     local: &'a dyn NodeSource,
     remote: &'a dyn NodeSource,
@@ -895,6 +1271,10 @@ struct Differ<'a> {
     with_chunks: bool,
     out: Diff,
     listed: HashSet<Hash>,
+    /// Remote recipe nodes already walked: their chunks are listed, so a
+    /// page referenced again adds nothing.
+    seen_recipe: HashSet<Hash>,
+    budget: Budget,
     /// Directories still to compare: (path, local root, remote root).
     jobs: Vec<(String, Option<Hash>, Option<Hash>)>,
 }
@@ -913,6 +1293,36 @@ pub fn diff(
     remote_root: Option<Hash>,
     have_chunk: &mut dyn FnMut(&Hash) -> Result<bool, Error>,
 ) -> Result<Diff, Error> {
+    diff_limited(
+        local,
+        local_root,
+        remote,
+        remote_root,
+        have_chunk,
+        DiffLimits::NONE,
+    )
+}
+
+fn budget(limits: DiffLimits) -> Budget {
+    Budget {
+        limits,
+        entries: 0,
+        bytes: 0,
+        chunk_bytes: 0,
+        remote_nodes: 0,
+    }
+}
+
+/// [`diff`] against an untrusted remote tree, stopping as soon as it does
+/// more work than `limits` allow.
+pub fn diff_limited(
+    local: &dyn NodeSource,
+    local_root: Option<Hash>,
+    remote: &dyn NodeSource,
+    remote_root: Option<Hash>,
+    have_chunk: &mut dyn FnMut(&Hash) -> Result<bool, Error>,
+    limits: DiffLimits,
+) -> Result<Diff, Error> {
     let mut d = Differ {
         local,
         remote,
@@ -920,6 +1330,8 @@ pub fn diff(
         with_chunks: true,
         out: Diff::default(),
         listed: HashSet::new(),
+        seen_recipe: HashSet::new(),
+        budget: budget(limits),
         jobs: vec![(String::new(), local_root, remote_root)],
     };
     d.run()?;
@@ -937,6 +1349,8 @@ pub fn list(src: &dyn NodeSource, root: &Hash) -> Result<Vec<(String, EntryMeta)
         with_chunks: false,
         out: Diff::default(),
         listed: HashSet::new(),
+        seen_recipe: HashSet::new(),
+        budget: budget(DiffLimits::NONE),
         jobs: vec![(String::new(), None, Some(*root))],
     };
     d.run()?;
@@ -969,12 +1383,20 @@ impl Differ<'_> {
         };
         let mut lc = start(self.local, l);
         let mut rc = start(self.remote, r);
+        // Names must be strictly increasing across the remote pages too
+        // (each page checks its own order): a name repeated in two pages
+        // would be applied twice and never match.
+        let mut last_remote: Option<String> = None;
+        // A page skipped unread on both sides since the last remote entry:
+        // its last name is where the order check resumes.
+        let mut skipped: Option<(Hash, Option<u8>)> = None;
         loop {
-            if let (Some(Item::Node { hash: a, .. }), Some(Item::Node { hash: b, .. })) =
+            if let (Some(Item::Node { hash: a, level }), Some(Item::Node { hash: b, .. })) =
                 (lc.stack.last(), rc.stack.last())
                 && a == b
             {
                 // Same hash, same entries: skip both without reading them.
+                skipped = Some((*a, *level));
                 lc.stack.pop();
                 rc.stack.pop();
                 continue;
@@ -985,10 +1407,10 @@ impl Differ<'_> {
                 // Expand the higher node first; equal levels both at once,
                 // so aligned pages get compared by hash before being read.
                 if lr >= rr {
-                    lc.expand(&mut self.out.nodes_visited)?;
+                    lc.expand(&mut self.out.nodes_visited, &mut self.budget)?;
                 }
                 if rr >= lr {
-                    rc.expand(&mut self.out.nodes_visited)?;
+                    rc.expand(&mut self.out.nodes_visited, &mut self.budget)?;
                 }
                 continue;
             }
@@ -1005,6 +1427,26 @@ impl Differ<'_> {
                 Some(Item::Entry(e)) => e,
                 _ => unreachable!(),
             };
+            if ord != std::cmp::Ordering::Less
+                && let Some(Item::Entry(e)) = rc.stack.last()
+            {
+                if let Some((hash, level)) = skipped.take() {
+                    last_remote = last_name(self.local, &hash, level)?;
+                }
+                if last_remote
+                    .as_ref()
+                    .is_some_and(|p| p.as_bytes() >= e.name.as_bytes())
+                {
+                    return Err(Error::InvalidTree {
+                        origin: self.remote.origin(),
+                        reason: format!(
+                            "{:?}: name repeated or out of order across pages",
+                            Self::join(prefix, &e.name)?
+                        ),
+                    });
+                }
+                last_remote = Some(e.name.clone());
+            }
             match ord {
                 std::cmp::Ordering::Less => {
                     let e = take(&mut lc);
@@ -1029,10 +1471,15 @@ impl Differ<'_> {
             format!("{prefix}/{name}")
         };
         if path.len() > MAX_PATH_LEN {
-            return Err(Error::InvalidNode {
-                hash: Hash::of(path.as_bytes()),
+            // Byte 64 may fall inside a character: cut at a boundary
+            // (slicing there panicked, under a lock, taking the node down).
+            let mut end = 64;
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            return Err(Error::InvalidTree {
                 origin: Origin::Remote,
-                reason: format!("path {}… exceeds {MAX_PATH_LEN} bytes", &path[..64]),
+                reason: format!("path {}… exceeds {MAX_PATH_LEN} bytes", &path[..end]),
             });
         }
         Ok(path)
@@ -1056,8 +1503,19 @@ impl Differ<'_> {
         Ok(())
     }
 
+    /// Accounts and checks a remote entry that will be applied.
+    fn take_remote(&mut self, path: &str, e: &DirEntry) -> Result<(), Error> {
+        check_remote_entry(self.remote.origin(), path, &e.name, &e.meta)?;
+        let size = match e.meta {
+            EntryMeta::File { size, .. } => size,
+            _ => 0,
+        };
+        self.budget.entry(path, size)
+    }
+
     fn added(&mut self, prefix: &str, e: DirEntry) -> Result<(), Error> {
         let path = Self::join(prefix, &e.name)?;
+        self.take_remote(&path, &e)?;
         match &e.meta {
             EntryMeta::Dir { root, .. } => self.jobs.push((path.clone(), None, Some(*root))),
             EntryMeta::File { recipe, .. } => self.missing_from(recipe, &HashSet::new())?,
@@ -1072,6 +1530,10 @@ impl Differ<'_> {
             return Ok(());
         }
         let path = Self::join(prefix, &a.name)?;
+        // A type change is accounted by `added` below.
+        if std::mem::discriminant(&a.meta) == std::mem::discriminant(&b.meta) {
+            self.take_remote(&path, &b)?;
+        }
         match (&a.meta, &b.meta) {
             (EntryMeta::Dir { mode: m1, root: r1 }, EntryMeta::Dir { mode: m2, root: r2 }) => {
                 if r1 != r2 {
@@ -1111,14 +1573,16 @@ impl Differ<'_> {
         }
         let mut stack = vec![(*root, None)];
         while let Some((hash, level)) = stack.pop() {
-            if known.contains(&hash) {
+            if known.contains(&hash) || !self.seen_recipe.insert(hash) {
                 continue;
             }
             self.out.nodes_visited += 1;
+            self.budget.node(self.remote.origin())?;
             match load_node(self.remote, &hash, Tree::Recipe, level)? {
                 Node::RecipeLeaf(chunks) => {
                     for c in chunks {
                         if !self.listed.contains(&c.hash) && !(self.have_chunk)(&c.hash)? {
+                            self.budget.chunk(c.len)?;
                             self.listed.insert(c.hash);
                             self.out.missing_chunks.push(c);
                         }

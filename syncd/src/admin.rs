@@ -7,7 +7,7 @@
 //! socket is handed to group `syncd` if that group exists.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +18,7 @@ use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 
 use crate::config::Mode;
+use crate::locks::LockExt as _;
 use crate::membership::Liveness;
 use crate::node::{DirState, Node, Phase};
 use crate::topology::PeerClass;
@@ -60,16 +61,47 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             return Err(e).with_context(|| format!("checking the admin socket {}", path.display()));
         }
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the admin socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("restricting the admin socket {}", path.display()))?;
-    if let Some(gid) = group_id(ADMIN_GROUP)
-        && let Err(e) = std::os::unix::fs::chown(path, None, Some(gid))
-    {
-        tracing::debug!(error = %e, "admin socket left with its default group");
-    }
-    Ok(listener)
+    // Bound inside a private (0700) directory beside it, given its mode and
+    // group there, then renamed into place: the socket never exists at its
+    // path with the umask's mode, and chmod/chown act on a name nobody else
+    // can swap for a symlink. (Binding at the path and then chmod-ing left
+    // a window with the default mode, and chmod followed symlinks.)
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("admin socket path {} has no file name", path.display()))?;
+    let private = parent.join(format!(
+        ".{}.{}.new",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // A leftover of a crash at this step (remove_dir_all does not follow
+    // symlinks).
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let result = (|| {
+        let tmp = private.join("sock");
+        let listener = UnixListener::bind(&tmp)
+            .with_context(|| format!("binding the admin socket {}", path.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("restricting the admin socket {}", path.display()))?;
+        if let Some(gid) = group_id(ADMIN_GROUP)
+            && let Err(e) = std::os::unix::fs::lchown(&tmp, None, Some(gid))
+        {
+            tracing::debug!(error = %e, "admin socket left with its default group");
+        }
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("moving the admin socket into place at {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir(&private);
+    result
 }
 
 /// The id of group `name` from /etc/group, if it exists.
@@ -111,7 +143,7 @@ fn fleet_of(node: &Node, dir: &DirState) -> Fleet {
         .as_ref()
         .map(|v| (v.version, v.root.clone()))
         .unwrap_or_default();
-    let peers = node.peers.lock().unwrap();
+    let peers = node.peers.locked();
     let live = || peers.iter().filter(|(_, p)| p.liveness() != Liveness::Down);
     for (_, p) in live() {
         if let Some(v) = p.holdings.get(&dir.id)
@@ -150,9 +182,13 @@ fn fleet_of(node: &Node, dir: &DirState) -> Fleet {
 }
 
 fn dir_status(node: &Node, dir: &DirState) -> pba::DirStatus {
+    let (retry_in_seconds, failures) = {
+        let r = dir.retry.locked();
+        (r.retry_in(), r.failures)
+    };
     let current = dir.current_version();
     let fleet = fleet_of(node, dir);
-    let status = dir.status.lock().unwrap().clone();
+    let status = dir.status.locked().clone();
     pba::DirStatus {
         id: dir.id.clone(),
         path: dir.path.display().to_string(),
@@ -176,15 +212,17 @@ fn dir_status(node: &Node, dir: &DirState) -> pba::DirStatus {
         peers_carrying: fleet.carrying,
         pending_bytes: dir.progress.pending_bytes(),
         pending_files: dir.progress.pending_files(),
-        rate_bytes_per_second: dir.rate.lock().unwrap().1,
+        rate_bytes_per_second: dir.rate.locked().1,
         last_error: status.last_error,
         peers: fleet.peers,
+        retry_in_seconds,
+        failures,
     }
 }
 
 fn peer_counts(node: &Node) -> pba::PeerCounts {
     let mut c = pba::PeerCounts::default();
-    for p in node.peers.lock().unwrap().values() {
+    for p in node.peers.locked().values() {
         match p.liveness() {
             Liveness::Alive => c.alive += 1,
             Liveness::Suspect => c.suspect += 1,
@@ -217,6 +255,7 @@ pub fn refresh_metrics(node: &Node) {
         set(&m.peers_carrying, u64::from(s.peers_carrying));
         set(&m.pending_bytes, s.pending_bytes);
         set(&m.pending_files, s.pending_files);
+        set(&m.consecutive_failures, u64::from(s.failures));
         m.transfer_rate
             .with_label_values(&id)
             .set(s.rate_bytes_per_second);
@@ -253,7 +292,7 @@ impl pba::admin_server::Admin for AdminService {
         _: Request<pba::PeersRequest>,
     ) -> Result<Response<pba::PeersReply>, Status> {
         let node = &self.node;
-        let peers = node.peers.lock().unwrap();
+        let peers = node.peers.locked();
         let mut out: Vec<pba::PeerInfo> = peers
             .iter()
             .map(|(id, p)| {
@@ -361,7 +400,7 @@ impl pba::admin_server::Admin for AdminService {
                     // Forget the version held: the loop pulls the newest
                     // version again, and the diff against what is on disk
                     // restores every edited, added or deleted file.
-                    *d.current.lock().unwrap() = None;
+                    *d.current.locked() = None;
                     d.poke.notify_one();
                     tracing::info!(dir = %d.id, "revert requested by syncctl");
                 }
@@ -375,5 +414,54 @@ impl pba::admin_server::Admin for AdminService {
         Ok(Response::new(pba::ControlReply {
             affected: dirs.iter().map(|d| d.id.clone()).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket appears at its path only by a rename, already 0660: an
+    /// inotify watcher on the directory never sees it created there (the
+    /// old code bound at the path, then chmod-ed it).
+    #[tokio::test]
+    async fn the_socket_appears_with_its_mode() {
+        use notify::Watcher as _;
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("syncd.sock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        w.watch(t.path(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        let _listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        // The private directory is gone.
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("syncd.sock")]);
+        // A rename into the directory is seen before the watcher stops.
+        let mut saw_rename = false;
+        while let Ok(Ok(e)) = rx.recv_timeout(std::time::Duration::from_secs(2)) {
+            if e.paths.iter().any(|p| p == &path) {
+                assert!(
+                    !matches!(e.kind, notify::EventKind::Create(_)),
+                    "the socket was created at its path: {e:?}"
+                );
+                if matches!(
+                    e.kind,
+                    notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                ) {
+                    saw_rename = true;
+                    break;
+                }
+            }
+        }
+        assert!(saw_rename, "no rename of the socket into place was seen");
     }
 }

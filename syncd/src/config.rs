@@ -21,7 +21,7 @@ pub const DIRS_D: &str = "dirs.d";
 
 /// Topology label keys; labels weight peer choice, so a typo in a key would
 /// silently make every peer "elsewhere".
-const LABEL_KEYS: [&str; 3] = ["region", "zone", "rack"];
+pub(crate) const LABEL_KEYS: [&str; 3] = ["region", "zone", "rack"];
 const MAX_PEERS: usize = 1024;
 const MAX_IGNORE: usize = 1024;
 const MAX_ID_LEN: usize = 128;
@@ -62,6 +62,11 @@ pub struct NodeSection {
     pub id: Spanned<String>,
     /// Address the peer service listens on, e.g. `0.0.0.0:7400`.
     pub listen: Spanned<String>,
+    /// Address peers should dial to reach this node (`host:port`), e.g.
+    /// `10.0.0.1:7400`. Required when `listen` is a wildcard address
+    /// (`0.0.0.0`, `[::]`): peers cannot dial a wildcard. Defaults to
+    /// `listen` otherwise.
+    pub advertise: Option<Spanned<String>>,
     /// Where the index and transient files live. Must not be inside a
     /// synced directory.
     #[serde(default = "default_state_dir")]
@@ -146,7 +151,95 @@ pub struct DirFile {
     /// The hook is killed after this long.
     #[serde(default = "default_hook_timeout", with = "humantime_serde")]
     pub on_synced_timeout: Duration,
+    /// Files larger than this are not published (sources) and versions
+    /// with larger files are refused (replicas), e.g. `"1TiB"`.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: Spanned<Size>,
+    /// Most entries (files, directories, symlinks) a version may have.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: Spanned<u64>,
+    /// Space left free on the directory's file system: a version whose new
+    /// bytes would eat into it is refused, e.g. `"1GiB"`.
+    #[serde(default = "default_min_free_space")]
+    pub min_free_space: Spanned<Size>,
+    /// Publish and apply set-user-id / set-group-id bits on files. Off by
+    /// default: otherwise whoever publishes the directory can create setuid
+    /// programs on every replica.
+    #[serde(default)]
+    pub allow_setid: bool,
 }
+
+/// A byte size with a binary unit: `"512"`, `"64KiB"`, `"1.5GiB"`, `"1TiB"`
+/// (also `KB`/`MB`/`GB`/`TB` for powers of 1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Size, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("size {text:?} does not start with a number"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "PiB" => 1 << 50,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => {
+                return Err(format!(
+                    "size {text:?} has unknown unit {other:?} (use B, KiB, MiB, GiB, TiB)"
+                ));
+            }
+        };
+        let v = n * mult as f64;
+        if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
+            return Err(format!("size {text:?} is out of range"));
+        }
+        Ok(Size(v as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn default_max_file_size() -> Spanned<Size> {
+    Spanned::new(0..0, Size(1 << 40))
+}
+
+fn default_max_entries() -> Spanned<u64> {
+    Spanned::new(0..0, 4_000_000)
+}
+
+fn default_min_free_space() -> Spanned<Size> {
+    Spanned::new(0..0, Size(256 << 20))
+}
+
+/// A rescan more often than this is a configuration mistake (`"0s"` made
+/// thousands of full scans a second); the watcher covers quick changes.
+pub const MIN_RESCAN: Duration = Duration::from_secs(10);
 
 fn default_hook_timeout() -> Duration {
     Duration::from_secs(60)
@@ -165,6 +258,9 @@ pub struct Config {
     pub file: PathBuf,
     pub node: NodeFile,
     pub listen: SocketAddr,
+    /// What peers dial: `[node] advertise`, or `listen` when that is not a
+    /// wildcard.
+    pub advertise: String,
     pub metrics_listen: Option<SocketAddr>,
     /// Directories by id, each with the file it came from.
     pub dirs: BTreeMap<String, (PathBuf, DirFile)>,
@@ -227,6 +323,39 @@ impl Config {
                 ),
             )
         })?;
+        let advertise = match &n.advertise {
+            Some(a) => {
+                let text = a.get_ref();
+                let ok = text.len() <= 256
+                    && text.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+                    });
+                let wildcard = text
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_unspecified());
+                if !ok || wildcard {
+                    return Err(invalid(
+                        a.span(),
+                        format!(
+                            "advertise {text:?} must be the host:port peers dial to reach this node"
+                        ),
+                    ));
+                }
+                text.clone()
+            }
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    n.listen.span(),
+                    format!(
+                        "listen {:?} is a wildcard address, which peers cannot dial; set \
+                         advertise = \"<this node's address>:{}\" in [node]",
+                        n.listen.get_ref(),
+                        listen.port()
+                    ),
+                ));
+            }
+            None => listen.to_string(),
+        };
         if !n.state_dir.get_ref().is_absolute() {
             return Err(invalid(
                 n.state_dir.span(),
@@ -275,6 +404,7 @@ impl Config {
         Ok(Config {
             file: file.to_path_buf(),
             listen,
+            advertise,
             metrics_listen,
             dirs,
             node,
@@ -302,7 +432,9 @@ fn load_dirs(
     files.retain(|p| p.extension().is_some_and(|e| e == "toml"));
     files.sort();
     let mut out: BTreeMap<String, (PathBuf, DirFile)> = BTreeMap::new();
-    let mut paths: HashMap<PathBuf, PathBuf> = HashMap::new();
+    // Canonical path → (configured path, file).
+    let mut paths: HashMap<PathBuf, (PathBuf, PathBuf)> = HashMap::new();
+    let mut canonical_state: Option<PathBuf> = None;
     for path in files {
         let text = read(&path)?;
         let d: DirFile = parse(&path, &text)?;
@@ -366,27 +498,51 @@ fn load_dirs(
                 ),
             ));
         }
+        if d.rescan_interval < MIN_RESCAN {
+            return Err(ConfigError::Invalid {
+                path: path.clone(),
+                line: key_line(&text, "rescan_interval"),
+                message: format!(
+                    "rescan_interval {} is below the minimum of {}",
+                    humantime::format_duration(d.rescan_interval),
+                    humantime::format_duration(MIN_RESCAN)
+                ),
+            });
+        }
+        if d.max_file_size.get_ref().0 == 0 || *d.max_entries.get_ref() == 0 {
+            return Err(invalid(
+                d.max_file_size.span(),
+                "max_file_size and max_entries must be more than 0".into(),
+            ));
+        }
         if d.on_synced_timeout.is_zero() {
             return Err(invalid(
                 d.on_synced.span(),
                 "on_synced_timeout must be more than 0".into(),
             ));
         }
-        if state_dir.starts_with(root) || root.starts_with(state_dir) {
+        // Overlaps are checked on canonical paths: a synced path that is a
+        // symlink into the state directory, or one directory under two
+        // ids through different spellings, must not pass a lexical check.
+        let canonical = canonical_path(root);
+        let state_canonical = canonical_state.get_or_insert_with(|| canonical_path(state_dir));
+        if state_canonical.starts_with(&canonical) || canonical.starts_with(&*state_canonical) {
             return Err(invalid(
                 d.path.span(),
                 format!(
-                    "path {root:?} overlaps state_dir {state_dir:?}; the index would sync itself"
+                    "path {root:?} ({}) overlaps state_dir {state_dir:?}; the index would sync itself",
+                    canonical.display()
                 ),
             ));
         }
-        for (other, other_file) in &paths {
-            if root.starts_with(other) || other.starts_with(root) {
+        for (other, (other_path, other_file)) in &paths {
+            if canonical.starts_with(other) || other.starts_with(&canonical) {
                 return Err(invalid(
                     d.path.span(),
                     format!(
-                        "path {root:?} overlaps {other:?} of {}",
-                        other_file.display()
+                        "path {root:?} overlaps {other_path:?} of {} (both are {} or nested)",
+                        other_file.display(),
+                        canonical.display()
                     ),
                 ));
             }
@@ -401,10 +557,42 @@ fn load_dirs(
                 ),
             ));
         }
-        paths.insert(root.clone(), path.clone());
+        paths.insert(canonical, (root.clone(), path.clone()));
         out.insert(d.id.get_ref().clone(), (path, d));
     }
     Ok(out)
+}
+
+/// The line of `key` in a file, for keys read without a span.
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key))
+        .map_or(1, |i| i + 1)
+}
+
+/// `path` with symlinks resolved, as far as it exists: the longest existing
+/// ancestor canonicalized, the rest appended (a directory may be created
+/// after the configuration is written).
+fn canonical_path(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(&existing) {
+            let mut out = c;
+            out.extend(rest.iter().rev());
+            return out;
+        }
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +624,7 @@ mod tests {
 [node]
 id = "web-01"
 listen = "0.0.0.0:7400"
+advertise = "10.0.0.1:7400"
 state_dir = "/var/lib/syncd"
 peers = ["10.0.0.2:7400", "seed.example:7400"]
 labels = { region = "eu-west", zone = "a", rack = "r12" }
@@ -478,7 +667,7 @@ ignore = ["*.tmp", ".cache/"]
         let f = Files::new(&NODE.replace("[admin]", "[admin]\nsokcet = \"x\""));
         let e = f.err();
         assert!(
-            e.contains("syncd.toml") && e.contains("sokcet") && e.contains("line 9"),
+            e.contains("syncd.toml") && e.contains("sokcet") && e.contains("line 10"),
             "{e}"
         );
     }
@@ -544,12 +733,12 @@ ignore = ["*.tmp", ".cache/"]
             (
                 "rack = \"r12\"",
                 "rakc = \"r12\"",
-                ":7: unknown label \"rakc\"",
+                ":8: unknown label \"rakc\"",
             ),
             (
                 "\"10.0.0.2:7400\"",
                 "\"10.0.0.2\"",
-                ":6: peer \"10.0.0.2\" is not host:port",
+                ":7: peer \"10.0.0.2\" is not host:port",
             ),
             (
                 "id = \"web-01\"",
@@ -600,5 +789,87 @@ ignore = ["*.tmp", ".cache/"]
         let f = Files::new(NODE);
         std::fs::remove_dir(f.0.path().join(DIRS_D)).unwrap();
         assert!(f.load().unwrap().dirs.is_empty());
+    }
+
+    /// Issue 8 item 1: the shipped example's wildcard listen address is not
+    /// something peers can dial.
+    #[test]
+    fn a_wildcard_listen_address_needs_advertise() {
+        let f = Files::new(&NODE.replace("advertise = \"10.0.0.1:7400\"\n", ""));
+        let e = f.err();
+        assert!(
+            e.contains("syncd.toml:4:") && e.contains("wildcard") && e.contains("advertise = "),
+            "{e}"
+        );
+        let f = Files::new(&NODE.replace("10.0.0.1:7400", "0.0.0.0:7400"));
+        assert!(
+            f.err().contains("advertise \"0.0.0.0:7400\" must be"),
+            "{}",
+            f.err()
+        );
+        let f = Files::new(NODE);
+        assert_eq!(f.load().unwrap().advertise, "10.0.0.1:7400");
+        // A specific listen address is advertised as is.
+        let f = Files::new(
+            &NODE
+                .replace("advertise = \"10.0.0.1:7400\"\n", "")
+                .replace("0.0.0.0:7400", "10.0.0.9:7400"),
+        );
+        assert_eq!(f.load().unwrap().advertise, "10.0.0.9:7400");
+    }
+
+    /// Issue 8 item 12: rescans have a floor, sizes have units.
+    #[test]
+    fn rescan_interval_has_a_minimum_and_sizes_have_units() {
+        let f = Files::new(NODE).dir("www.toml", &format!("{WWW}rescan_interval = \"0s\"\n"));
+        let e = f.err();
+        assert!(
+            e.contains("www.toml:6: rescan_interval 0s is below the minimum of 10s"),
+            "{e}"
+        );
+        let f = Files::new(NODE).dir(
+            "www.toml",
+            &format!("{WWW}max_file_size = \"64GiB\"\nmin_free_space = \"1.5GiB\"\n"),
+        );
+        let c = f.load().unwrap();
+        let (_, d) = &c.dirs["www"];
+        assert_eq!(d.max_file_size.get_ref().0, 64 << 30);
+        assert_eq!(d.min_free_space.get_ref().0, 3 << 29);
+        let f = Files::new(NODE).dir(
+            "www.toml",
+            &format!("{WWW}max_file_size = \"12 parsecs\"\n"),
+        );
+        assert!(f.err().contains("unknown unit"), "{}", f.err());
+    }
+
+    /// Issue 8 item 12: overlaps are found on canonical paths.
+    #[test]
+    fn overlaps_through_symlinks_are_rejected() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let real = t.path().join("real");
+        std::fs::create_dir_all(state.join("index")).unwrap();
+        std::fs::create_dir_all(&real).unwrap();
+        std::os::unix::fs::symlink(state.join("index"), t.path().join("into-state")).unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("alias")).unwrap();
+        let node = NODE.replace("/var/lib/syncd", &state.display().to_string());
+        let dir = |id: &str, path: &std::path::Path| {
+            format!(
+                "id = \"{id}\"\npath = \"{}\"\nmode = \"replica\"\n",
+                path.display()
+            )
+        };
+        let f = Files::new(&node).dir("a.toml", &dir("a", &t.path().join("into-state")));
+        assert!(f.err().contains("overlaps state_dir"), "{}", f.err());
+        let f = Files::new(&node)
+            .dir("a.toml", &dir("a", &real))
+            .dir("b.toml", &dir("b", &t.path().join("alias")));
+        let e = f.err();
+        assert!(e.contains("b.toml:2:") && e.contains("overlaps"), "{e}");
+        // A path that does not exist yet is compared through its parent.
+        let f = Files::new(&node)
+            .dir("a.toml", &dir("a", &t.path().join("alias/sub/new")))
+            .dir("b.toml", &dir("b", &real));
+        assert!(f.err().contains("overlaps"), "{}", f.err());
     }
 }

@@ -25,17 +25,36 @@ use bytes::Bytes;
 use chunk_store::Hash;
 use chunk_store::manifest::ChunkEntry;
 
+use crate::locks::LockExt as _;
 use crate::materialize::ChunkSource;
 
 /// What a peer returned: the chunks it had, already verified.
-pub type FetchResult = Result<HashMap<Hash, Bytes>, String>;
+pub type FetchResult = Result<HashMap<Hash, Bytes>, FetchError>;
+
+/// Why a fetch call returned nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The peer is serving as much as it will (`RESOURCE_EXHAUSTED`): ask
+    /// again shortly, it is not a fault.
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A busy peer is asked again after a pause, this many times in a row at
+/// most (≈ 20 s) before it counts as failing.
+const MAX_BUSY: u32 = 40;
+const BUSY_PAUSE: Duration = Duration::from_millis(500);
 
 /// A peer chunks can be fetched from.
 pub trait ChunkPeer: Send + Sync + 'static {
     /// For logs and per-peer counts.
     fn name(&self) -> &str;
-    /// Fetches `hashes`; only chunks that match their hash may be returned.
-    fn fetch(&self, hashes: Vec<Hash>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>>;
+    /// Fetches `chunks`; only chunks that match their hash and the length
+    /// the recipe gives may be returned (a peer's bytes are never trusted
+    /// to be the size we planned memory for).
+    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>>;
 }
 
 /// Tuning of a [`Fetcher`].
@@ -76,7 +95,7 @@ enum Status {
 
 #[derive(Debug)]
 struct Window {
-    hashes: Vec<Hash>,
+    hashes: Vec<ChunkEntry>,
     /// Which of `hashes` have arrived (they may be consumed since).
     got: Vec<bool>,
     /// Byte offset of its first chunk in the missing list.
@@ -97,6 +116,8 @@ struct State {
     /// Start of the window the materializer is reading from.
     consumed: u64,
     dead: Vec<bool>,
+    /// Failed calls per peer, over the whole transfer.
+    errors: Vec<u32>,
     workers: usize,
 }
 
@@ -206,7 +227,7 @@ impl Fetcher {
             }
             window_of.insert(c.hash, windows.len() - 1);
             let w = windows.last_mut().expect("pushed above");
-            w.hashes.push(c.hash);
+            w.hashes.push(*c);
             w.got.push(false);
             bytes += u64::from(c.len);
             offset += u64::from(c.len);
@@ -221,6 +242,7 @@ impl Fetcher {
                 window_of,
                 consumed: 0,
                 dead: vec![false; peers.len()],
+                errors: vec![0; peers.len()],
                 workers: peers.len() * per_peer,
             }),
             arrived: Condvar::new(),
@@ -264,6 +286,17 @@ impl Fetcher {
             .collect()
     }
 
+    /// Peers that failed calls during this transfer (dropped or not).
+    pub fn failed_peers(&self) -> Vec<String> {
+        let st = self.lock();
+        self.names
+            .iter()
+            .zip(&st.errors)
+            .filter(|(_, e)| **e > 0)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Verified bytes received per peer, in the order given to `start`.
     pub fn received_by_peer(&self) -> Vec<(String, u64)> {
         self.names
@@ -274,19 +307,20 @@ impl Fetcher {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap()
+        self.shared.state.locked()
     }
 }
 
 async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cfg: FetchConfig) {
     let mut errors = 0;
+    let mut busy = 0;
     loop {
         let w = loop {
             let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             {
-                let mut st = shared.state.lock().unwrap();
+                let mut st = shared.state.locked();
                 if st.dead[peer] {
                     break None;
                 }
@@ -303,30 +337,51 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cf
             room.await;
         };
         let Some(w) = w else { break };
-        let want: Vec<Hash> = {
-            let st = shared.state.lock().unwrap();
+        let want: Vec<ChunkEntry> = {
+            let st = shared.state.locked();
             let win = &st.windows[w];
             win.hashes
                 .iter()
                 .zip(&win.got)
                 .filter(|(_, got)| !**got)
-                .map(|(h, _)| *h)
+                .map(|(c, _)| *c)
                 .collect()
         };
         let result = source.fetch(want.clone()).await;
-        let mut st = shared.state.lock().unwrap();
+        if let Err(FetchError::Busy(e)) = &result
+            && busy < MAX_BUSY
+        {
+            // Not this peer's fault: hand the window back untried and ask
+            // again after a pause (another worker may take it meanwhile).
+            busy += 1;
+            tracing::debug!(peer = source.name(), error = %e, "peer busy; asking again shortly");
+            {
+                let mut st = shared.state.locked();
+                st.windows[w].tried[peer] = false;
+                st.windows[w].status = Status::Waiting;
+                st.retry.push_front(w);
+            }
+            shared.room.notify_waiters();
+            tokio::time::sleep(BUSY_PAUSE.mul_f64(rand::random_range(0.5..1.5))).await;
+            continue;
+        }
+        let mut st = shared.state.locked();
         match result {
             Ok(got) => {
                 errors = 0;
+                busy = 0;
                 let (mut n, mut count) = (0, 0);
                 let st = &mut *st;
                 let win = &mut st.windows[w];
-                for (h, arrived) in win.hashes.iter().zip(win.got.iter_mut()) {
-                    if !*arrived && let Some(b) = got.get(h) {
+                for (c, arrived) in win.hashes.iter().zip(win.got.iter_mut()) {
+                    if !*arrived
+                        && let Some(b) = got.get(&c.hash)
+                        && b.len() == c.len as usize
+                    {
                         *arrived = true;
                         n += b.len() as u64;
                         count += 1;
-                        st.ready.insert(*h, b.clone());
+                        st.ready.insert(c.hash, b.clone());
                     }
                 }
                 shared.received.fetch_add(n, Ordering::Relaxed);
@@ -342,6 +397,7 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cf
             }
             Err(e) => {
                 errors += 1;
+                st.errors[peer] += 1;
                 tracing::warn!(peer = source.name(), error = %e, "chunk fetch failed; another peer will be asked");
                 if errors >= cfg.max_errors {
                     tracing::warn!(
@@ -365,7 +421,7 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cf
         shared.arrived.notify_all();
         shared.room.notify_waiters();
     }
-    let mut st = shared.state.lock().unwrap();
+    let mut st = shared.state.locked();
     st.workers -= 1;
     if st.workers == 0 {
         // Nobody left: whatever is unfinished will not arrive.
@@ -392,7 +448,7 @@ impl ChunkSource for Fetcher {
                 let start = st.consumed;
                 let n = self.names.len();
                 st.windows.push(Window {
-                    hashes: vec![chunk.hash],
+                    hashes: vec![*chunk],
                     got: vec![false],
                     start,
                     status: Status::Waiting,
@@ -422,7 +478,7 @@ impl ChunkSource for Fetcher {
                 .shared
                 .arrived
                 .wait_timeout(st, self.cfg.stall)
-                .unwrap();
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             st = guard;
             if timeout.timed_out() && !st.ready.contains_key(&chunk.hash) {
                 return Err(std::io::Error::new(

@@ -9,6 +9,8 @@
 //!   once, errors with file and line (`syncd check-config`).
 //! - [`index`]: `syncd index DIR`, one scan of a directory into a local
 //!   index, with a human or JSON report.
+//! - [`locks`]: mutexes a panic cannot poison (a bug in one directory's
+//!   work must not stop the others).
 //! - [`materialize`]: applies a manifest diff to a synced root: atomic
 //!   writes, every chunk verified, confined to the root by the kernel.
 //! - [`membership`]: SWIM (foca) over the peer channel: who is alive.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod fetch;
 pub mod hooks;
 pub mod index;
+pub mod locks;
 pub mod materialize;
 pub mod membership;
 pub mod metrics;

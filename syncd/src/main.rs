@@ -63,8 +63,14 @@ fn main() -> ExitCode {
 fn init_logging(daemon: bool) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| if daemon { "syncd=info,warn" } else { "warn" }.into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        if daemon {
+            "syncd=info,chunk_store=info,warn"
+        } else {
+            "warn"
+        }
+        .into()
+    });
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
     let registry = tracing_subscriber::registry().with(filter);
     match journald {

@@ -20,6 +20,7 @@
 //! is in place (children before parents). A type change (file ↔ directory)
 //! removes the old entry just before creating the new one.
 
+use crate::locks::LockExt as _;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -36,7 +37,29 @@ use chunk_store::indexer::{self, KnownFile};
 use chunk_store::manifest::{self, ChangeKind, ChunkEntry, Diff, EntryMeta, Mtime, NodeSource};
 use chunk_store::store::Store;
 
-const TMP_PREFIX: &str = ".syncd-tmp.";
+/// Temp files are named with the prefix the indexer never publishes and
+/// the diff refuses from peers.
+const TMP_PREFIX: &str = manifest::RESERVED_PREFIX;
+
+/// How [`apply`] treats what a peer describes.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    /// The chunker's minimum chunk length: every chunk of a recipe but the
+    /// last is at least this long (bounds a recipe's length by its size).
+    pub min_chunk: u32,
+    /// Apply set-user-id / set-group-id bits (otherwise they are stripped,
+    /// whatever the version says).
+    pub allow_setid: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            min_chunk: chunk_store::ChunkerConfig::default().min(),
+            allow_setid: false,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaterializeError {
@@ -89,21 +112,20 @@ type Written = (Arc<std::fs::File>, u64, u32);
 impl InFlight {
     fn add(&self, hash: Hash, file: &Arc<std::fs::File>, offset: u64, len: u32) {
         self.chunks
-            .lock()
-            .unwrap()
+            .locked()
             .entry(hash)
             .or_insert_with(|| (file.clone(), offset, len));
     }
 
     /// Forgets everything (the index now records these files).
     pub fn clear(&self) {
-        self.chunks.lock().unwrap().clear();
+        self.chunks.locked().clear();
     }
 
     /// The verified bytes of a chunk written here, if any.
     pub fn read_hash(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
-        let Some((file, offset, len)) = self.chunks.lock().unwrap().get(hash).cloned() else {
+        let Some((file, offset, len)) = self.chunks.locked().get(hash).cloned() else {
             return Ok(None);
         };
         let mut buf = vec![0u8; len as usize];
@@ -123,21 +145,29 @@ impl ChunkSource for InFlight {
 }
 
 /// Chunks already on this node, read from the files the index says hold
-/// them. Stale locations (a file changed since it was indexed) simply fail
-/// verification and the next location or source is tried.
+/// them. Files are opened beneath each root's directory handle without
+/// following symlinks, and only while they are as the index recorded them
+/// (same inode, device, size and mtime): a file replaced since — by a
+/// symlink to a secret beside the root, a hard link, new content — is
+/// never read for a location recorded for the old one.
 #[derive(Debug)]
 pub struct LocalChunks<'a> {
     store: &'a Store,
-    /// Synced roots by directory id, to resolve locations.
+    /// Synced roots by directory id, with a handle on each opened lazily.
     roots: Vec<(String, PathBuf)>,
+    handles: Mutex<HashMap<String, Option<Arc<Dir>>>>,
     /// Open files, so a run of chunks from one file costs one open. A file
     /// replaced since it was opened keeps its old content on this handle,
     /// which is exactly what its recorded locations describe.
-    open: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<std::fs::File>>>,
+    open: Mutex<HashMap<(String, String), OpenFile>>,
     /// Check each chunk read against its hash (skipped when serving peers,
     /// who verify everything they receive anyway).
     verify: bool,
 }
+
+/// A file opened for its chunk locations, or `None` if it is no longer the
+/// one indexed (remembered, so it is not opened again).
+type OpenFile = Option<Arc<std::fs::File>>;
 
 /// Open files kept per [`LocalChunks`].
 const OPEN_FILES: usize = 64;
@@ -147,14 +177,15 @@ impl<'a> LocalChunks<'a> {
         LocalChunks {
             store,
             roots,
+            handles: Default::default(),
             open: Default::default(),
             verify: true,
         }
     }
 
-    /// For serving peers: reads without hashing. A stale location (a file
-    /// changed since it was indexed) then yields wrong bytes, which the
-    /// peer's verification rejects; the source's own rescan follows.
+    /// For serving peers: reads without hashing. The file is checked to be
+    /// the one indexed (see the type's docs), so what is read is what the
+    /// index says; the peer verifies every chunk anyway.
     pub fn for_serving(store: &'a Store, roots: Vec<(String, PathBuf)>) -> LocalChunks<'a> {
         LocalChunks {
             verify: false,
@@ -162,17 +193,46 @@ impl<'a> LocalChunks<'a> {
         }
     }
 
-    fn file(&self, path: PathBuf) -> Option<std::sync::Arc<std::fs::File>> {
-        let mut open = self.open.lock().unwrap();
-        if let Some(f) = open.get(&path) {
-            return Some(f.clone());
+    fn root(&self, dir: &str) -> Option<Arc<Dir>> {
+        let mut handles = self.handles.locked();
+        if let Some(h) = handles.get(dir) {
+            return h.clone();
         }
-        let f = std::sync::Arc::new(std::fs::File::open(&path).ok()?);
+        let (_, path) = self.roots.iter().find(|(id, _)| id == dir)?;
+        let h = Dir::open_ambient_dir(path, ambient_authority())
+            .ok()
+            .map(Arc::new);
+        handles.insert(dir.to_string(), h.clone());
+        h
+    }
+
+    /// The file at `path` in directory `dir`, if it is still the regular
+    /// file the index recorded there.
+    fn file(&self, dir: &str, path: &str) -> Option<Arc<std::fs::File>> {
+        let key = (dir.to_string(), path.to_string());
+        if let Some(f) = self.open.locked().get(&key) {
+            return f.clone();
+        }
+        let f = self.open_current(dir, path).map(Arc::new);
+        let mut open = self.open.locked();
         if open.len() >= OPEN_FILES {
             open.clear();
         }
-        open.insert(path, f.clone());
-        Some(f)
+        open.insert(key, f.clone());
+        f
+    }
+
+    fn open_current(&self, dir: &str, path: &str) -> Option<std::fs::File> {
+        let root = self.root(dir)?;
+        let f = indexer::open_beneath(&root, path).ok()?;
+        let m = f.metadata().ok()?;
+        let rec = self.store.file_record(dir, path).ok()??;
+        let current = m.is_file()
+            && rec.inode == m.ino()
+            && rec.dev == m.dev()
+            && matches!(rec.meta, EntryMeta::File { size, mtime, .. }
+                if size == m.len() && mtime == indexer::mtime_of(&m));
+        current.then_some(f)
     }
 
     /// The bytes of the chunk with this hash (verified unless built with
@@ -182,10 +242,7 @@ impl<'a> LocalChunks<'a> {
         use std::os::unix::fs::FileExt;
         let locations = self.store.chunk_locations(hash).map_err(io::Error::other)?;
         for loc in locations {
-            let Some((_, root)) = self.roots.iter().find(|(id, _)| *id == loc.dir) else {
-                continue;
-            };
-            let Some(file) = self.file(root.join(&loc.path)) else {
+            let Some(file) = self.file(&loc.dir, &loc.path) else {
                 continue;
             };
             let mut buf = vec![0u8; loc.len as usize];
@@ -231,8 +288,8 @@ pub struct Report {
 }
 
 /// Beyond this many chunks in one apply, files are indexed by reading them
-/// (bounds the memory of the hints: 36 bytes a chunk).
-const MAX_KNOWN_CHUNKS: usize = 4 << 20;
+/// (bounds the memory of the hints: 36 bytes a chunk, 36 MiB in all).
+const MAX_KNOWN_CHUNKS: usize = 1 << 20;
 
 /// Applies `diff` (local → remote) under `root`. `remote` supplies the
 /// recipes of new files; `sources` are asked for each chunk in order; every
@@ -245,6 +302,7 @@ pub fn apply(
     sources: &[&dyn ChunkSource],
     in_flight: &InFlight,
     files_done: &std::sync::atomic::AtomicU64,
+    opts: ApplyOptions,
 ) -> Result<Report> {
     let io_err = |source| MaterializeError::Io {
         path: root.to_path_buf(),
@@ -299,15 +357,20 @@ pub fn apply(
                 mtime,
                 recipe,
             } => {
-                let chunks = manifest::read_recipe(remote, recipe)?;
+                let chunks = manifest::read_recipe_checked(remote, recipe, *size, opts.min_chunk);
                 clear_other_type(&parent, name, &c.path, false)?;
+                let mode = if opts.allow_setid {
+                    *mode
+                } else {
+                    *mode & !indexer::SETID_BITS
+                };
                 let written = write_file(
                     &parent,
                     name,
                     &c.path,
-                    &chunks,
+                    chunks,
                     *size,
-                    *mode,
+                    mode,
                     *mtime,
                     sources,
                     in_flight,
@@ -482,7 +545,7 @@ fn write_file(
     parent: &Dir,
     name: &str,
     path: &str,
-    chunks: &[ChunkEntry],
+    chunks: manifest::RecipeReader<'_>,
     size: u64,
     mode: u32,
     mtime: Mtime,
@@ -490,13 +553,6 @@ fn write_file(
     in_flight: &InFlight,
     report: &mut Report,
 ) -> Result<u64> {
-    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
-    if total != size {
-        return Err(MaterializeError::PathRejected {
-            path: path.to_string(),
-            reason: format!("recipe covers {total} bytes but the entry says {size}"),
-        });
-    }
     let tmp = temp_name(name);
     let file = parent
         .open_with(
@@ -505,15 +561,44 @@ fn write_file(
         )
         .map_err(|e| path_io(path, e))?;
     let file = Arc::new(file.into_std());
+    // Removes the temp file unless it was renamed into place, on an error
+    // or a panic alike.
+    struct Temp<'a> {
+        parent: &'a Dir,
+        name: Option<String>,
+    }
+    impl Drop for Temp<'_> {
+        fn drop(&mut self) {
+            if let Some(n) = &self.name {
+                let _ = self.parent.remove_file(n);
+            }
+        }
+    }
+    let mut temp = Temp {
+        parent,
+        name: Some(tmp.clone()),
+    };
     let result = (|| {
         // Unbuffered: a chunk is on the file (page cache) once written, so
         // peers can be served from it while the rest is still arriving.
+        // The recipe is streamed (its reader checks it covers exactly
+        // `size`, before the rename); the chunk list is kept only for the
+        // index's hint, within MAX_KNOWN_CHUNKS.
         let mut offset = 0;
+        let mut known: Option<Vec<ChunkEntry>> = Some(Vec::new());
         for c in chunks {
-            let bytes = fetch_verified(c, path, sources, report)?;
+            let c = c?;
+            let bytes = fetch_verified(&c, path, sources, report)?;
             (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;
             in_flight.add(c.hash, &file, offset, c.len);
             offset += u64::from(c.len);
+            if let Some(k) = &mut known {
+                if report.known_chunks + k.len() < MAX_KNOWN_CHUNKS {
+                    k.push(c);
+                } else {
+                    known = None;
+                }
+            }
         }
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| path_io(path, e))?;
@@ -522,12 +607,27 @@ fn write_file(
         // Data and metadata on disk before the rename makes them visible.
         file.sync_all().map_err(|e| path_io(path, e))?;
         let m = file.metadata().map_err(|e| path_io(path, e))?;
+        // A file system that clamps the time (ext4 stops at 2446) would
+        // leave a file that never matches the version: say so now.
+        if indexer::mtime_of(&m) != mtime {
+            return Err(MaterializeError::PathRejected {
+                path: path.to_string(),
+                reason: format!(
+                    "the file system stored modification time {}.{:09} instead of {}.{:09}",
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    mtime.secs,
+                    mtime.nanos
+                ),
+            });
+        }
         parent
             .rename(&tmp, parent, name)
             .map_err(|e| path_io(path, e))?;
+        temp.name = None;
         // The rename itself on disk.
         sync_dir(parent, path)?;
-        if report.known_chunks + chunks.len() <= MAX_KNOWN_CHUNKS {
+        if let Some(chunks) = known {
             report.known_chunks += chunks.len();
             report.known.insert(
                 path.to_string(),
@@ -536,16 +636,14 @@ fn write_file(
                     mtime: indexer::mtime_of(&m),
                     inode: m.ino(),
                     dev: m.dev(),
-                    chunks: chunks.to_vec(),
+                    chunks,
                 },
             );
         }
         Ok(())
     })();
-    if result.is_err() {
-        let _ = parent.remove_file(&tmp);
-    }
-    result.map(|()| total)
+    drop(temp);
+    result.map(|()| size)
 }
 
 fn fetch_verified(

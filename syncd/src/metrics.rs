@@ -44,6 +44,8 @@ pub struct Metrics {
     pub rpc_duration: HistogramVec,
     pub hook_runs: IntCounterVec,
     pub hook_duration: HistogramVec,
+    pub corrupt_chunks: IntCounterVec,
+    pub consecutive_failures: IntGaugeVec,
 }
 
 impl Metrics {
@@ -93,7 +95,7 @@ impl Metrics {
             )?,
             errors: counter(
                 "syncd_errors_total",
-                "Errors by kind: scan, sync, corrupt_chunk, local_edits, hook.",
+                "Errors by kind: scan, sync, corrupt_chunk, local_edits, hook, panic.",
                 &["dir", "kind"],
             )?,
             scan_duration: histogram(
@@ -178,8 +180,21 @@ impl Metrics {
                 "Duration of on_synced hook runs.",
                 &["dir"],
             )?,
+            corrupt_chunks: counter(
+                "syncd_corrupt_chunks_total",
+                "Chunks peers sent that were rejected: wrong length or failing BLAKE3.",
+                &["reason"],
+            )?,
+            consecutive_failures: gauge(
+                "syncd_dir_consecutive_failures",
+                "Failed attempts in a row at the directory's work (0 after a success); retries back off.",
+                &["dir"],
+            )?,
             registry: registry.clone(),
         };
+        for reason in ["length", "hash"] {
+            m.corrupt_chunks.with_label_values(&[reason]);
+        }
         let build = gauge(
             "syncd_build_info",
             "Always 1; the version of syncd as a label.",
@@ -202,12 +217,20 @@ impl Metrics {
     }
 
     /// Error kinds counted in `syncd_errors_total`.
-    pub const ERROR_KINDS: [&'static str; 5] =
-        ["scan", "sync", "corrupt_chunk", "local_edits", "hook"];
+    pub const ERROR_KINDS: [&'static str; 6] = [
+        "scan",
+        "sync",
+        "corrupt_chunk",
+        "local_edits",
+        "hook",
+        "panic",
+    ];
 
     /// Creates a directory's counters at zero, so dashboards and alerts see
-    /// a series (and a rate of 0) before the first event rather than none.
-    pub fn init_dir(&self, dir: &str, has_hook: bool) {
+    /// a series (and a rate of 0) before the first event rather than none
+    /// (hook runs too, hook or not: a fleet without hooks shows 0, not "no
+    /// data").
+    pub fn init_dir(&self, dir: &str) {
         for class in crate::topology::PeerClass::ALL {
             let l = [dir, class.as_str()];
             for c in [
@@ -224,11 +247,10 @@ impl Metrics {
         for kind in Metrics::ERROR_KINDS {
             self.errors.with_label_values(&[dir, kind]);
         }
-        if has_hook {
-            for result in ["ok", "failed", "timeout"] {
-                self.hook_runs.with_label_values(&[dir, result]);
-            }
+        for result in ["ok", "failed", "timeout"] {
+            self.hook_runs.with_label_values(&[dir, result]);
         }
+        self.consecutive_failures.with_label_values(&[dir]);
     }
 
     /// Forgets the per-directory series of a directory no longer synced.
@@ -240,6 +262,7 @@ impl Metrics {
             &self.fleet_version,
             &self.peers_at_fleet_version,
             &self.peers_carrying,
+            &self.consecutive_failures,
         ] {
             let _ = v.remove_label_values(&[dir]);
         }

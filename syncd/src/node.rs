@@ -30,6 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, Mode};
 use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
+use crate::locks::{LockExt as _, RwLockExt as _};
 use crate::materialize::{self, InFlight, LocalChunks};
 use crate::membership::{Ident, Liveness, Members, Swim};
 use crate::metrics::Metrics;
@@ -48,6 +49,9 @@ const REPLICA_TICK: Duration = Duration::from_secs(1);
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Most peers one transfer fetches from at once.
 const MAX_SOURCES: usize = 4;
+/// Remote manifest nodes kept during one pull (diff and apply), so pages a
+/// tree references many times are fetched once.
+const NODE_CACHE_BYTES: usize = 64 << 20;
 
 /// What a directory is doing (paused is a flag on top of this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,20 +138,141 @@ pub struct DirState {
     pub rate: Mutex<(u64, f64)>,
     /// The version whose on_synced hook should run (coalesced).
     pub synced: tokio::sync::watch::Sender<Option<pb::DirVersion>>,
+    /// What a version may be: sizes, entries, free space, setid bits.
+    pub limits: DirLimits,
+    /// Failed attempts and when the next one is due.
+    pub retry: Mutex<Retry>,
+    /// The last attempt at this directory's work panicked (a bug): the
+    /// watchdog stops being fed when every directory is in this state.
+    pub panicked: AtomicBool,
+}
+
+/// A directory's bounds on what it accepts and publishes (dirs.d).
+#[derive(Debug, Clone, Copy)]
+pub struct DirLimits {
+    pub max_file_size: u64,
+    pub max_entries: u64,
+    pub min_free_space: u64,
+    pub allow_setid: bool,
+}
+
+/// Backoff after failures: exponential from [`RETRY_MIN`], capped at
+/// [`RETRY_MAX`], with ±25 % jitter so a fleet that failed together does
+/// not retry together.
+#[derive(Debug, Default)]
+pub struct Retry {
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// No new attempt before this.
+    pub next_at: Option<tokio::time::Instant>,
+    /// When the last attempt started (a new version is tried at once, but
+    /// not more often than every [`RETRY_MIN`]).
+    pub last_attempt: Option<tokio::time::Instant>,
+    /// The version whose pull failed, as (version, root).
+    pub failed_version: Option<(u64, Vec<u8>)>,
+    /// Peers that took part in failed attempts at that version: others
+    /// are tried first next time.
+    pub failed_holders: std::collections::HashSet<String>,
+}
+
+/// First retry delay after a failure.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+impl Retry {
+    fn delay(failures: u32) -> Duration {
+        let base = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16));
+        let base = base.min(RETRY_MAX);
+        let jitter = rand::random_range(0.75..1.25);
+        base.mul_f64(jitter).min(RETRY_MAX)
+    }
+
+    /// Records a failed attempt and schedules the next one.
+    pub fn failed(&mut self, now: tokio::time::Instant) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let d = Self::delay(self.failures);
+        self.next_at = Some(now + d);
+        d
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Retry::default();
+    }
+
+    /// Whether an attempt may start now; `version` is what would be
+    /// pulled (a new one is tried without waiting out the backoff).
+    pub fn due(&self, now: tokio::time::Instant, version: Option<(u64, &[u8])>) -> bool {
+        let Some(next) = self.next_at else {
+            return true;
+        };
+        if now >= next {
+            return true;
+        }
+        // Only after a failed pull: a failed scan or a panic is not
+        // about a version, and waits out its delay.
+        let new_version = version.is_some_and(|(v, root)| {
+            self.failed_version
+                .as_ref()
+                .is_some_and(|(fv, froot)| *fv != v || froot.as_slice() != root)
+        });
+        new_version && self.last_attempt.is_none_or(|t| now >= t + RETRY_MIN)
+    }
+
+    /// Seconds until the next attempt (0 when none is pending).
+    pub fn retry_in(&self) -> f64 {
+        self.next_at.map_or(0.0, |t| {
+            t.saturating_duration_since(tokio::time::Instant::now())
+                .as_secs_f64()
+        })
+    }
 }
 
 impl DirState {
+    /// A directory as `dirs.d` describes it, before its first scan.
+    pub fn from_config(id: &str, d: &crate::config::DirFile) -> anyhow::Result<DirState> {
+        Ok(DirState {
+            id: id.to_string(),
+            path: d.path.get_ref().clone(),
+            mode: *d.mode.get_ref(),
+            rescan_interval: d.rescan_interval,
+            ignore: Ignore::new(d.ignore.get_ref()).context("ignore patterns")?,
+            hook: d.on_synced.get_ref().clone(),
+            hook_timeout: d.on_synced_timeout,
+            current: Mutex::new(None),
+            pulling: Mutex::new(None),
+            status: Mutex::new(DirStatus {
+                phase: Phase::Scanning,
+                reason: String::new(),
+                last_error: String::new(),
+            }),
+            paused: AtomicBool::new(false),
+            poke: Notify::new(),
+            progress: Progress::default(),
+            rate: Mutex::new((0, 0.0)),
+            synced: tokio::sync::watch::Sender::new(None),
+            limits: DirLimits {
+                max_file_size: d.max_file_size.get_ref().0,
+                max_entries: *d.max_entries.get_ref(),
+                min_free_space: d.min_free_space.get_ref().0,
+                allow_setid: d.allow_setid,
+            },
+            retry: Mutex::new(Retry::default()),
+            panicked: AtomicBool::new(false),
+        })
+    }
+
     /// The state name syncctl and metrics show.
     pub fn state_name(&self) -> &'static str {
         if self.paused.load(Ordering::Relaxed) {
             "paused"
         } else {
-            self.status.lock().unwrap().phase.as_str()
+            self.status.locked().phase.as_str()
         }
     }
 
     fn set_phase(&self, phase: Phase) {
-        let mut s = self.status.lock().unwrap();
+        let mut s = self.status.locked();
         s.phase = phase;
         if phase != Phase::Error {
             s.reason.clear();
@@ -155,14 +280,24 @@ impl DirState {
     }
 
     fn set_error(&self, error: String) {
-        let mut s = self.status.lock().unwrap();
+        let mut s = self.status.locked();
         s.phase = Phase::Error;
         s.reason = error.clone();
         s.last_error = error;
     }
 
     pub fn current_version(&self) -> Option<pb::DirVersion> {
-        self.current.lock().unwrap().clone()
+        self.current.locked().clone()
+    }
+
+    /// How this directory is scanned (without the per-call hints).
+    fn scan_options(&self) -> indexer::ScanOptions {
+        indexer::ScanOptions {
+            ignore: self.ignore.clone(),
+            max_file_size: Some(self.limits.max_file_size),
+            keep_setid: self.limits.allow_setid,
+            ..Default::default()
+        }
     }
 }
 
@@ -181,7 +316,16 @@ pub(crate) struct PeerState {
     pub(crate) rtt_ms: f64,
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
+    /// When SWIM declared it down (for forgetting it after [`DEAD_TTL`]).
+    pub(crate) down_since: Option<std::time::Instant>,
 }
+
+/// A peer down this long is forgotten (its entry, holdings and channel),
+/// so departed members do not accumulate.
+pub const DEAD_TTL: Duration = Duration::from_secs(600);
+/// Most peers this node keeps track of; members beyond are ignored until
+/// others are forgotten.
+pub const MAX_PEERS: usize = 10_000;
 
 /// A peer SWIM has not reported yet (heard of only through holdings, e.g.
 /// just before a partition) counts as dead this long after it was last
@@ -213,6 +357,16 @@ impl PeerState {
             rtt_ms: 0.0,
             bytes_sent: 0,
             bytes_received: 0,
+            down_since: None,
+        }
+    }
+
+    /// Whether it has been down long enough to be forgotten.
+    fn expired(&self) -> bool {
+        if self.swim {
+            self.state == Liveness::Down && self.down_since.is_some_and(|t| t.elapsed() >= DEAD_TTL)
+        } else {
+            self.heard.elapsed() >= UNCONFIRMED_FOR + DEAD_TTL
         }
     }
 }
@@ -251,6 +405,8 @@ pub struct Node {
     pub swim: std::sync::OnceLock<Swim>,
     pub metrics: Metrics,
     pub started: std::time::Instant,
+    /// Admission of peers' requests (bounded streams and node reads).
+    pub serving: crate::peer::Serving,
 }
 
 impl Members for Node {
@@ -267,11 +423,20 @@ impl Members for Node {
             tracing::debug!(error = %e, "ignoring a SWIM member with a malformed identity");
             return;
         }
-        let mut peers = self.peers.lock().unwrap();
+        let mut peers = self.peers.locked();
+        if !peers.contains_key(&id.node_id) && peers.len() >= MAX_PEERS {
+            tracing::warn!(peer = %id.node_id, "peer table full ({MAX_PEERS}); ignoring a new member");
+            return;
+        }
         let p = peers
             .entry(id.node_id.clone())
             .or_insert_with(|| PeerState::new(id.address.clone()));
         p.address = id.address.clone();
+        if state == Liveness::Down && p.down_since.is_none() {
+            p.down_since = Some(std::time::Instant::now());
+        } else if state != Liveness::Down {
+            p.down_since = None;
+        }
         p.state = state;
         p.swim = true;
         drop(peers);
@@ -290,9 +455,37 @@ impl Members for Node {
 }
 
 impl Node {
+    /// A node with no directories yet; `address` is what peers dial.
+    pub fn new(
+        id: String,
+        address: String,
+        labels: BTreeMap<String, String>,
+        store: Arc<Store>,
+        bootstrap: Vec<String>,
+    ) -> anyhow::Result<Node> {
+        Ok(Node {
+            id,
+            address,
+            labels,
+            store,
+            dirs: Default::default(),
+            bootstrap,
+            peers: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+            index_lock: Mutex::new(()),
+            published: Notify::new(),
+            learned: Notify::new(),
+            in_flight: InFlight::default(),
+            swim: std::sync::OnceLock::new(),
+            metrics: Metrics::new().context("registering metrics")?,
+            started: std::time::Instant::now(),
+            serving: crate::peer::Serving::default(),
+        })
+    }
+
     /// The class of peer `id` as seen from here.
     pub(crate) fn class_of(&self, id: &str) -> PeerClass {
-        match self.peers.lock().unwrap().get(id) {
+        match self.peers.locked().get(id) {
             Some(p) => PeerClass::of(&self.labels, &p.labels),
             None => PeerClass::Elsewhere,
         }
@@ -300,8 +493,13 @@ impl Node {
 
     /// Accounts chunks served to `requester`.
     pub(crate) fn record_sent(&self, requester: &str, dir: &str, bytes: u64, chunks: u64) {
+        // Only configured ids become metric labels: a peer naming random
+        // directories must not grow /metrics.
+        if self.dir(dir).is_none() {
+            return;
+        }
         let class = self.class_of(requester);
-        if let Some(p) = self.peers.lock().unwrap().get_mut(requester) {
+        if let Some(p) = self.peers.locked().get_mut(requester) {
             p.bytes_sent += bytes;
         }
         let labels = [dir, class.as_str()];
@@ -317,12 +515,12 @@ impl Node {
 
     /// One directory by id.
     pub fn dir(&self, id: &str) -> Option<Arc<DirState>> {
-        self.dirs.read().unwrap().get(id).cloned()
+        self.dirs.read_locked().get(id).cloned()
     }
 
     /// The directories being synced now.
     pub fn dir_list(&self) -> Vec<Arc<DirState>> {
-        self.dirs.read().unwrap().values().cloned().collect()
+        self.dirs.read_locked().values().cloned().collect()
     }
 
     /// Directory roots by id, to resolve chunk locations.
@@ -348,11 +546,11 @@ impl Node {
             from: Some(self.member()),
             dirs: dirs
                 .iter()
-                .filter_map(|d| d.current.lock().unwrap().clone())
+                .filter_map(|d| d.current.locked().clone())
                 .collect(),
             pulling: dirs
                 .iter()
-                .filter_map(|d| d.pulling.lock().unwrap().clone())
+                .filter_map(|d| d.pulling.locked().clone())
                 .collect(),
         }
     }
@@ -366,27 +564,37 @@ impl Node {
         if from.node_id == self.id {
             return Ok(());
         }
+        // Only directories this node carries are kept: the rest is of no
+        // use here, and would let a peer make us store 4096 ids per message.
+        let carried = self.dirs.read_locked();
         let by_dir = |list: Vec<pb::DirVersion>| {
             let mut out = HashMap::new();
             for d in list {
                 if d.root.len() != 32
-                    || d.dir.is_empty()
-                    || d.dir.len() > 128
-                    || d.publisher.len() > 128
+                    || !is_id(&d.dir)
+                    || !(d.publisher.is_empty() || is_id(&d.publisher))
                 {
                     return Err(Status::invalid_argument(format!(
                         "malformed holding for {:?}",
-                        d.dir
+                        d.dir.chars().take(128).collect::<String>()
                     )));
                 }
-                out.insert(d.dir.clone(), d);
+                if carried.contains_key(&d.dir) {
+                    out.insert(d.dir.clone(), d);
+                }
             }
             Ok(out)
         };
         let holdings = by_dir(h.dirs)?;
         let pulling = by_dir(h.pulling)?;
-        let mut peers = self.peers.lock().unwrap();
+        drop(carried);
+        let mut peers = self.peers.locked();
         let new = !peers.contains_key(&from.node_id);
+        if new && peers.len() >= MAX_PEERS {
+            return Err(Status::resource_exhausted(format!(
+                "peer table full ({MAX_PEERS} peers)"
+            )));
+        }
         let p = peers
             .entry(from.node_id.clone())
             .or_insert_with(|| PeerState::new(from.address.clone()));
@@ -405,7 +613,7 @@ impl Node {
     }
 
     fn channel(&self, address: &str) -> anyhow::Result<Channel> {
-        let mut channels = self.channels.lock().unwrap();
+        let mut channels = self.channels.locked();
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
@@ -426,15 +634,13 @@ impl Node {
     fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<Holder>)> {
         let ours = self
             .dirs
-            .read()
-            .unwrap()
+            .read_locked()
             .get(dir)?
             .current
-            .lock()
-            .unwrap()
+            .locked()
             .as_ref()
             .map_or(0, |v| v.version);
-        let peers = self.peers.lock().unwrap();
+        let peers = self.peers.locked();
         let best = peers
             .values()
             .filter(|p| p.liveness() != Liveness::Down)
@@ -464,20 +670,60 @@ impl Node {
                 })
             })
             .collect();
-        // Full holders before partial ones, nearest first, then a random
-        // order so a fleet does not pile onto the same peer.
+        // Peers that failed us at this version last, then full holders
+        // before partial ones, nearest first, then a random order so a
+        // fleet does not pile onto the same peer.
+        let failed = {
+            let dirs = self.dirs.read_locked();
+            dirs.get(dir)
+                .map(|d| {
+                    let r = d.retry.locked();
+                    match &r.failed_version {
+                        Some((v, root)) if *v == best.version && *root == best.root => {
+                            r.failed_holders.clone()
+                        }
+                        _ => Default::default(),
+                    }
+                })
+                .unwrap_or_default()
+        };
         holders.shuffle(&mut rand::rng());
-        holders.sort_by_key(|h| (h.partial, h.class));
+        holders.sort_by_key(|h| (failed.contains(&h.id), h.partial, h.class));
         holders.truncate(MAX_SOURCES);
         Some((best, holders))
+    }
+
+    /// Forgets peers down for [`DEAD_TTL`], and channels to addresses no
+    /// known peer or bootstrap entry has.
+    fn forget_dead(&self) {
+        let mut peers = self.peers.locked();
+        let before = peers.len();
+        peers.retain(|id, p| {
+            let keep = !p.expired();
+            if !keep {
+                tracing::info!(peer = %id, address = %p.address, "forgetting a peer down for {}", humantime::format_duration(DEAD_TTL));
+            }
+            keep
+        });
+        if peers.len() == before
+            && self.channels.locked().len() <= peers.len() + self.bootstrap.len()
+        {
+            return;
+        }
+        let keep: std::collections::HashSet<String> = peers
+            .values()
+            .map(|p| p.address.clone())
+            .chain(self.bootstrap.iter().cloned())
+            .collect();
+        drop(peers);
+        self.channels.locked().retain(|a, _| keep.contains(a));
     }
 
     /// One exchange with every known peer and bootstrap address.
     async fn gossip_round(self: &Arc<Self>) {
         let mut targets: Vec<String> = self
             .peers
-            .lock()
-            .unwrap()
+            .locked()
             .values()
             .filter(|p| p.liveness() != Liveness::Down)
             .map(|p| p.address.clone())
@@ -516,7 +762,7 @@ impl Node {
                         if let Err(e) = node.learn(h) {
                             tracing::warn!(peer = %address, error = %e, "peer sent invalid holdings");
                         } else if let Some(id) = from
-                            && let Some(p) = node.peers.lock().unwrap().get_mut(&id)
+                            && let Some(p) = node.peers.locked().get_mut(&id)
                         {
                             let ms = took.as_secs_f64() * 1000.0;
                             p.rtt_ms = if p.rtt_ms == 0.0 { ms } else { 0.8 * p.rtt_ms + 0.2 * ms };
@@ -531,22 +777,38 @@ impl Node {
     }
 }
 
-fn check_member(m: &pb::Member) -> Result<(), Status> {
-    let id_ok = !m.node_id.is_empty()
-        && m.node_id.len() <= 128
-        && m.node_id
+/// Node and directory ids on the wire: `[A-Za-z0-9._-]{1,128}`, as in the
+/// configuration (they become keys, metric labels and file names).
+pub(crate) fn is_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Topology labels a peer may declare: the configuration's keys, values
+/// of the id form, so a peer cannot make us keep megabytes of labels.
+fn labels_ok(labels: &std::collections::HashMap<String, String>) -> bool {
+    labels.len() <= crate::config::LABEL_KEYS.len()
+        && labels
+            .iter()
+            .all(|(k, v)| crate::config::LABEL_KEYS.contains(&k.as_str()) && is_id(v))
+}
+
+fn check_member(m: &pb::Member) -> Result<(), Status> {
     let addr_ok = m.address.len() <= 256
         && m.address
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-    if id_ok && addr_ok && m.labels.len() <= 8 {
+    if is_id(&m.node_id) && addr_ok && labels_ok(&m.labels) {
         Ok(())
     } else {
+        let short = |t: &str| t.chars().take(128).collect::<String>();
         Err(Status::invalid_argument(format!(
-            "malformed member {:?} at {:?}",
-            m.node_id, m.address
+            "malformed member {:?} at {:?} (ids [A-Za-z0-9._-]{{1,128}}, host:port, labels region/zone/rack)",
+            short(&m.node_id),
+            short(&m.address)
         )))
     }
 }
@@ -555,12 +817,11 @@ fn check_member(m: &pb::Member) -> Result<(), Status> {
 /// Sources publish a new version when the root changes; replicas only
 /// report local edits.
 pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
-    let _guard = node.index_lock.lock().unwrap();
+    let _guard = node.index_lock.locked();
     dir.set_phase(Phase::Scanning);
     let opts = indexer::ScanOptions {
         refuse_emptying: dir.mode == Mode::Source,
-        ignore: dir.ignore.clone(),
-        ..Default::default()
+        ..dir.scan_options()
     };
     let report = match indexer::scan_with(&node.store, &dir.id, &dir.path, opts) {
         Ok(r) => r,
@@ -586,7 +847,7 @@ pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
     m.index_duration
         .with_label_values(&id)
         .observe(report.seconds - report.walk_seconds);
-    let mut current = dir.current.lock().unwrap();
+    let mut current = dir.current.locked();
     match dir.mode {
         Mode::Source => {
             dir.set_phase(Phase::Idle);
@@ -599,6 +860,8 @@ pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
                     version: report.version,
                     root: report.root.as_bytes().to_vec(),
                     publisher: node.id.clone(),
+                    entries: report.files + report.dirs + report.symlinks,
+                    bytes: report.bytes,
                 };
                 *current = Some(v.clone());
                 dir.synced.send_replace(Some(v));
@@ -634,19 +897,29 @@ fn pull(
     holders: &[Holder],
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
-    let _guard = node.index_lock.lock().unwrap();
+    let _guard = node.index_lock.locked();
     dir.set_phase(Phase::Syncing);
     let started = std::time::Instant::now();
-    let result = pull_locked(node, dir, version, holders, rt, started);
-    let p = &dir.progress;
-    for a in [&p.bytes_total, &p.files_total, &p.files_done] {
-        a.store(0, Ordering::Relaxed);
+    let mut involved = Vec::new();
+    /// Undoes what a pull advertises and registers, also when it panics:
+    /// otherwise the node would keep claiming to be receiving the version.
+    struct Cleanup<'a>(&'a Node, &'a DirState);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let p = &self.1.progress;
+            for a in [&p.bytes_total, &p.files_total, &p.files_done] {
+                a.store(0, Ordering::Relaxed);
+            }
+            *self.1.pulling.locked() = None;
+            self.0.in_flight.clear();
+        }
     }
-    *dir.pulling.lock().unwrap() = None;
-    node.in_flight.clear();
+    let cleanup = Cleanup(node, dir);
+    let result = pull_locked(node, dir, version, holders, rt, started, &mut involved);
+    drop(cleanup);
     match &result {
         Ok(()) => {
-            *dir.current.lock().unwrap() = Some(version.clone());
+            *dir.current.locked() = Some(version.clone());
             dir.set_phase(Phase::Idle);
             node.metrics
                 .sync_duration
@@ -660,9 +933,70 @@ fn pull(
                 .errors
                 .with_label_values(&[&dir.id, "sync"])
                 .inc();
+            let mut r = dir.retry.locked();
+            let key = (version.version, version.root.clone());
+            if r.failed_version.as_ref() != Some(&key) {
+                r.failed_version = Some(key);
+                r.failed_holders.clear();
+            }
+            r.failed_holders.extend(involved);
         }
     }
     result
+}
+
+/// Bytes of free space a diff needs on the directory's file system:
+/// every added file in full, the growth of modified ones, and room for the
+/// largest temp copy of a modified file while its old version still
+/// exists (removals only free space at the end).
+fn space_needed(diff: &manifest::Diff) -> u64 {
+    let size = |m: &Option<manifest::EntryMeta>| match m {
+        Some(manifest::EntryMeta::File { size, .. }) => *size,
+        _ => 0,
+    };
+    let (mut total, mut temp) = (0u64, 0u64);
+    for c in &diff.changes {
+        let (old, new) = (size(&c.local), size(&c.remote));
+        match c.kind {
+            manifest::ChangeKind::Added => total = total.saturating_add(new),
+            manifest::ChangeKind::Modified => {
+                total = total.saturating_add(new.saturating_sub(old));
+                temp = temp.max(new.min(old));
+            }
+            manifest::ChangeKind::Removed => {}
+        }
+    }
+    total.saturating_add(temp)
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Checks what a diff would apply against the directory's policy: file
+/// sizes and set-id bits. Errors name the path and the peer.
+fn check_changes(dir: &DirState, diff: &manifest::Diff, peer: &str) -> anyhow::Result<()> {
+    for c in &diff.changes {
+        if let Some(manifest::EntryMeta::File { mode, size, .. }) = &c.remote {
+            anyhow::ensure!(
+                *size <= dir.limits.max_file_size,
+                "{:?} from peer {peer} is {size} bytes, more than max_file_size ({} bytes) of {:?}",
+                c.path,
+                dir.limits.max_file_size,
+                dir.id
+            );
+            anyhow::ensure!(
+                dir.limits.allow_setid || mode & indexer::SETID_BITS == 0,
+                "{:?} from peer {peer} has mode {mode:o} with set-user-id/set-group-id bits, \
+                 which directory {:?} does not allow (allow_setid = true in its dirs.d file)",
+                c.path,
+                dir.id
+            );
+        }
+    }
+    Ok(())
 }
 
 fn pull_locked(
@@ -672,13 +1006,19 @@ fn pull_locked(
     holders: &[Holder],
     rt: &tokio::runtime::Handle,
     started: std::time::Instant,
+    involved: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let remote_root = Hash::from_slice(&version.root).context("root of 32 bytes")?;
-    let opts = indexer::ScanOptions {
-        ignore: dir.ignore.clone(),
-        ..Default::default()
-    };
-    let local = indexer::scan_with(&node.store, &dir.id, &dir.path, opts)
+    let publisher = &version.publisher;
+    anyhow::ensure!(
+        version.entries <= dir.limits.max_entries,
+        "version {} of {:?} (publisher {publisher}) declares {} entries, more than max_entries ({})",
+        version.version,
+        dir.id,
+        version.entries,
+        dir.limits.max_entries
+    );
+    let local = indexer::scan_with(&node.store, &dir.id, &dir.path, dir.scan_options())
         .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
     let peers: Vec<RemotePeer> = holders
         .iter()
@@ -697,17 +1037,45 @@ fn pull_locked(
         .zip(holders)
         .find(|(_, h)| !h.partial)
         .context("no peer holds the version")?;
+    involved.push(first.id.clone());
     let store = &node.store;
+    let min_chunk = store.chunker().min();
+    // Pages may repeat (the tree is a DAG): each distinct node is fetched
+    // once, and the walk is bounded by what the version declares.
+    let remote = manifest::CachedNodes::new(first, NODE_CACHE_BYTES);
+    // What the version declares, but never more bytes than could be on
+    // this disk once applied (what is here now plus the free space): a
+    // peer declaring 2^64 bytes gets no larger a budget than that.
+    let free = free_space(&dir.path)
+        .with_context(|| format!("free space on the file system of {}", dir.path.display()))?;
+    let room = local
+        .bytes
+        .saturating_add(free.saturating_sub(dir.limits.min_free_space));
+    let limits = manifest::DiffLimits::declared(version.entries, version.bytes, min_chunk)
+        .on_disk(room, min_chunk);
     let mut probe = store.chunk_probe();
-    let diff = manifest::diff(
+    let diff = manifest::diff_limited(
         &**store,
         Some(local.root),
-        first,
+        &remote,
         Some(remote_root),
         &mut |h| probe.has(h),
+        limits,
     )
     .with_context(|| format!("diff of {:?} against peer {}", dir.id, first.id))?;
     drop(probe);
+    check_changes(dir, &diff, &first.id)?;
+    let needed = space_needed(&diff);
+    anyhow::ensure!(
+        needed.saturating_add(dir.limits.min_free_space) <= free,
+        "version {} of {:?} from peer {} does not fit: it needs {needed} bytes of free space on \
+         the file system of {}, which has {free} free and keeps {} (min_free_space)",
+        version.version,
+        dir.id,
+        first.id,
+        dir.path.display(),
+        dir.limits.min_free_space
+    );
     let diffed = started.elapsed();
     let p = &dir.progress;
     p.bytes_total.store(
@@ -724,7 +1092,7 @@ fn pull_locked(
     p.files_done.store(0, Ordering::Relaxed);
     p.received_at_start
         .store(p.received.load(Ordering::Relaxed), Ordering::Relaxed);
-    *dir.pulling.lock().unwrap() = Some(version.clone());
+    *dir.pulling.locked() = Some(version.clone());
     node.published.notify_one();
     let local_chunks = LocalChunks::new(store, node.roots());
     let sources: Vec<Arc<dyn ChunkPeer>> = peers
@@ -747,11 +1115,16 @@ fn pull_locked(
     let applied = materialize::apply(
         &dir.path,
         &diff,
-        first,
+        &remote,
         &[&local_chunks, &node.in_flight, &fetcher],
         &node.in_flight,
         &p.files_done,
+        materialize::ApplyOptions {
+            min_chunk,
+            allow_setid: dir.limits.allow_setid,
+        },
     );
+    involved.extend(fetcher.failed_peers());
     // Account what arrived, whether or not the apply completed.
     for ((id, bytes), chunks) in fetcher
         .received_by_peer()
@@ -759,7 +1132,7 @@ fn pull_locked(
         .zip(fetcher.chunks_by_peer())
     {
         let class = node.class_of(&id);
-        if let Some(peer) = node.peers.lock().unwrap().get_mut(&id) {
+        if let Some(peer) = node.peers.locked().get_mut(&id) {
             peer.bytes_received += bytes;
         }
         let labels = [dir.id.as_str(), class.as_str()];
@@ -772,8 +1145,16 @@ fn pull_locked(
             .with_label_values(&labels)
             .inc_by(chunks);
     }
-    let mut report = applied
-        .with_context(|| format!("materializing {:?} version {}", dir.id, version.version))?;
+    let mut report = applied.with_context(|| {
+        let from: Vec<&str> = holders.iter().map(|h| h.id.as_str()).collect();
+        format!(
+            "materializing {:?} version {} from peer{} {}",
+            dir.id,
+            version.version,
+            if from.len() == 1 { "" } else { "s" },
+            from.join(", ")
+        )
+    })?;
     let (m, id) = (&node.metrics, [dir.id.as_str()]);
     m.files_materialized
         .with_label_values(&id)
@@ -792,8 +1173,7 @@ fn pull_locked(
     // again; anything touched since is read as usual.
     let opts = indexer::ScanOptions {
         known: std::mem::take(&mut report.known),
-        ignore: dir.ignore.clone(),
-        ..Default::default()
+        ..dir.scan_options()
     };
     let after = indexer::scan_with(store, &dir.id, &dir.path, opts)?;
     anyhow::ensure!(
@@ -843,23 +1223,13 @@ pub async fn run(
         Store::open(&state_dir.join("index"), ChunkerConfig::default())
             .with_context(|| format!("opening the index in {}", state_dir.display()))?,
     );
-    let node = Arc::new(Node {
-        id: n.id.get_ref().clone(),
-        address: config.listen.to_string(),
-        labels: n.labels.get_ref().clone(),
+    let node = Arc::new(Node::new(
+        n.id.get_ref().clone(),
+        config.advertise.clone(),
+        n.labels.get_ref().clone(),
         store,
-        dirs: Default::default(),
-        bootstrap: n.peers.get_ref().clone(),
-        peers: Mutex::new(HashMap::new()),
-        channels: Mutex::new(HashMap::new()),
-        index_lock: Mutex::new(()),
-        published: Notify::new(),
-        learned: Notify::new(),
-        in_flight: InFlight::default(),
-        swim: std::sync::OnceLock::new(),
-        metrics: Metrics::new().context("registering metrics")?,
-        started: std::time::Instant::now(),
-    });
+        n.peers.get_ref().clone(),
+    )?);
 
     // The admin socket first, so `syncctl status` answers during the
     // initial scans.
@@ -985,8 +1355,7 @@ pub fn status_line(node: &Node) -> String {
     }
     let peers = node
         .peers
-        .lock()
-        .unwrap()
+        .locked()
         .values()
         .filter(|p| p.liveness() != Liveness::Down)
         .count();
@@ -1027,9 +1396,10 @@ async fn stats_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier) {
             notify.status(&status);
             last_status = status;
         }
+        node.forget_dead();
         for d in node.dir_list() {
             let now = d.progress.received.load(Ordering::Relaxed);
-            let mut rate = d.rate.lock().unwrap();
+            let mut rate = d.rate.locked();
             let delta = now.saturating_sub(rate.0) as f64;
             rate.1 = 0.5 * rate.1 + 0.5 * delta;
             rate.0 = now;
@@ -1045,11 +1415,27 @@ async fn watchdog_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier, inter
         tokio::time::sleep(interval / 2).await;
         let store = node.store.clone();
         let probe = tokio::task::spawn_blocking(move || store.roots().is_ok());
-        match tokio::time::timeout(interval / 2, probe).await {
-            Ok(Ok(true)) => notify.watchdog(),
-            _ => tracing::error!("index did not answer in time; not feeding the watchdog"),
+        let index_ok = matches!(
+            tokio::time::timeout(interval / 2, probe).await,
+            Ok(Ok(true))
+        );
+        if !index_ok {
+            tracing::error!("index did not answer in time; not feeding the watchdog");
+        } else if !can_progress(&node) {
+            tracing::error!(
+                "every directory's last attempt panicked; not feeding the watchdog so systemd restarts the node"
+            );
+        } else {
+            notify.watchdog();
         }
     }
+}
+
+/// Whether some directory can make progress: false when there are
+/// directories and every one's last attempt panicked.
+pub fn can_progress(node: &Node) -> bool {
+    let dirs = node.dir_list();
+    dirs.is_empty() || dirs.iter().any(|d| !d.panicked.load(Ordering::Relaxed))
 }
 
 /// Creates a directory's state and scans it once.
@@ -1058,38 +1444,17 @@ async fn prepare_dir(
     id: &str,
     d: &crate::config::DirFile,
 ) -> anyhow::Result<Arc<DirState>> {
-    let dir = Arc::new(DirState {
-        id: id.to_string(),
-        path: d.path.get_ref().clone(),
-        mode: *d.mode.get_ref(),
-        rescan_interval: d.rescan_interval,
-        ignore: Ignore::new(d.ignore.get_ref()).context("ignore patterns")?,
-        hook: d.on_synced.get_ref().clone(),
-        hook_timeout: d.on_synced_timeout,
-        current: Mutex::new(None),
-        pulling: Mutex::new(None),
-        status: Mutex::new(DirStatus {
-            phase: Phase::Scanning,
-            reason: String::new(),
-            last_error: String::new(),
-        }),
-        paused: AtomicBool::new(false),
-        poke: Notify::new(),
-        progress: Progress::default(),
-        rate: Mutex::new((0, 0.0)),
-        synced: tokio::sync::watch::Sender::new(None),
-    });
-    node.metrics.init_dir(&dir.id, !dir.hook.is_empty());
+    let dir = Arc::new(DirState::from_config(id, d)?);
+    node.metrics.init_dir(&dir.id);
     // Visible to syncctl while the first scan runs.
-    node.dirs
-        .write()
-        .unwrap()
-        .insert(dir.id.clone(), dir.clone());
+    node.dirs.write_locked().insert(dir.id.clone(), dir.clone());
     let (n, d2) = (node.clone(), dir.clone());
     // A directory that cannot be scanned (missing, unmounted) is an error
     // state, not a reason to stop the node: its loop keeps retrying.
-    if let Err(e) = tokio::task::spawn_blocking(move || rescan(&n, &d2)).await? {
-        tracing::error!(dir = %id, error = format!("{e:#}"), "initial scan failed");
+    match tokio::task::spawn_blocking(move || rescan(&n, &d2)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(dir = %id, error = format!("{e:#}"), "initial scan failed"),
+        Err(e) => panicked(node, &dir, "initial scan", e, tokio::time::Instant::now()),
     }
     // The first version a source publishes at start is not a sync.
     dir.synced.send_replace(None);
@@ -1101,10 +1466,7 @@ fn start_dir(
     dir: Arc<DirState>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> tokio::task::AbortHandle {
-    node.dirs
-        .write()
-        .unwrap()
-        .insert(dir.id.clone(), dir.clone());
+    node.dirs.write_locked().insert(dir.id.clone(), dir.clone());
     let node = node.clone();
     let rt = tokio::runtime::Handle::current();
     tasks.spawn(async move {
@@ -1154,7 +1516,7 @@ async fn reload(
             if let Some(task) = running.remove(&d.id) {
                 task.abort();
             }
-            node.dirs.write().unwrap().remove(&d.id);
+            node.dirs.write_locked().remove(&d.id);
             node.metrics.forget_dir(&d.id);
             tracing::info!(dir = %d.id, path = %d.path.display(), "stopped syncing directory");
         }
@@ -1214,41 +1576,338 @@ async fn dir_loop(node: Arc<Node>, dir: Arc<DirState>, rt: tokio::runtime::Handl
         REPLICA_TICK.min(dir.rescan_interval)
     };
     let mut last_full = tokio::time::Instant::now();
+    // A failed rescan is redone at the next attempt, whatever wakes it
+    // (the initial scan's too).
+    let mut must_rescan = dir.status.locked().phase == Phase::Error;
+    // Without a watcher the channel is closed: stop polling it (it would be
+    // ready at once, forever).
+    let mut watching = _watcher.is_some();
     loop {
+        // A due time already past means "now": it must not wake the loop
+        // again and again (a paused directory would spin).
+        let retry_at = dir
+            .retry
+            .locked()
+            .next_at
+            .filter(|t| *t > tokio::time::Instant::now());
         let event = tokio::select! {
-            e = rx.recv() => e.is_some(),
-            _ = dir.poke.notified() => true,
+            e = rx.recv(), if watching => {
+                watching = e.is_some();
+                e.is_some()
+            }
+            _ = dir.poke.notified() => {
+                // An operator's rescan, resume or revert: try now.
+                dir.retry.locked().next_at = None;
+                true
+            }
             _ = node.learned.notified(), if dir.mode != Mode::Source => false,
             _ = tokio::time::sleep(tick) => false,
+            _ = sleep_until(retry_at) => false,
         };
         if dir.paused.load(Ordering::Relaxed) {
             continue;
         }
-        if event || last_full.elapsed() >= dir.rescan_interval {
+        let now = tokio::time::Instant::now();
+        let newest = if dir.mode == Mode::Source {
+            None
+        } else {
+            node.newest_elsewhere(&dir.id)
+        };
+        if !dir.retry.locked().due(
+            now,
+            newest.as_ref().map(|(v, _)| (v.version, v.root.as_slice())),
+        ) {
+            continue;
+        }
+        if event || must_rescan || last_full.elapsed() >= dir.rescan_interval {
             last_full = tokio::time::Instant::now();
             let (n, d) = (node.clone(), dir.clone());
-            match tokio::task::spawn_blocking(move || rescan(&n, &d)).await {
-                Ok(Ok(true)) => node.published.notify_one(),
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(dir = %dir.id, error = format!("{e:#}"), "rescan failed")
+            let done = tokio::task::spawn_blocking(move || rescan(&n, &d)).await;
+            must_rescan = !matches!(done, Ok(Ok(_)));
+            match done {
+                Ok(Ok(changed)) => {
+                    if changed {
+                        node.published.notify_one();
+                    }
+                    if dir.mode == Mode::Source {
+                        settled(&dir);
+                    }
                 }
-                Err(e) => tracing::error!(dir = %dir.id, error = %e, "rescan panicked"),
+                Ok(Err(e)) => {
+                    // Delays count from the end of the attempt: a long
+                    // one must not be retried at once.
+                    let wait = dir.retry.locked().failed(tokio::time::Instant::now());
+                    dir.panicked.store(false, Ordering::Relaxed);
+                    tracing::error!(dir = %dir.id, error = format!("{e:#}"), retry_in = ?wait, "rescan failed");
+                    continue;
+                }
+                Err(e) => {
+                    panicked(&node, &dir, "rescan", e, tokio::time::Instant::now());
+                    continue;
+                }
             }
         }
         if dir.mode == Mode::Source {
             continue;
         }
-        if let Some((version, holders)) = node.newest_elsewhere(&dir.id) {
-            let (n, d, rt2) = (node.clone(), dir.clone(), rt.clone());
-            let v = version.clone();
-            match tokio::task::spawn_blocking(move || pull(&n, &d, &v, &holders, &rt2)).await {
-                Ok(Ok(())) => node.published.notify_one(),
-                Ok(Err(e)) => {
-                    tracing::warn!(dir = %dir.id, version = version.version, error = format!("{e:#}"), "sync failed; will retry")
+        match newest {
+            None => settled(&dir),
+            Some((version, holders)) => {
+                dir.retry.locked().last_attempt = Some(now);
+                let (n, d, rt2) = (node.clone(), dir.clone(), rt.clone());
+                let v = version.clone();
+                match tokio::task::spawn_blocking(move || pull(&n, &d, &v, &holders, &rt2)).await {
+                    Ok(Ok(())) => {
+                        settled(&dir);
+                        node.published.notify_one();
+                    }
+                    Ok(Err(e)) => {
+                        let wait = dir.retry.locked().failed(tokio::time::Instant::now());
+                        dir.panicked.store(false, Ordering::Relaxed);
+                        tracing::warn!(dir = %dir.id, version = version.version, error = format!("{e:#}"), retry_in = ?wait, "sync failed; will retry");
+                    }
+                    Err(e) => {
+                        dir.retry.locked().failed_version =
+                            Some((version.version, version.root.clone()));
+                        panicked(&node, &dir, "sync", e, tokio::time::Instant::now());
+                    }
                 }
-                Err(e) => tracing::error!(dir = %dir.id, error = %e, "sync panicked"),
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing scheduled.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The directory's work succeeded (or there was none to do).
+fn settled(dir: &DirState) {
+    dir.panicked.store(false, Ordering::Relaxed);
+    let mut r = dir.retry.locked();
+    if r.failures > 0 || r.next_at.is_some() {
+        r.succeeded();
+    }
+}
+
+/// A panic in a directory's work is a bug: the directory shows `error`
+/// with the panic's message, it is counted, the work is retried with
+/// backoff, and the other directories go on (no lock stays poisoned; see
+/// [`crate::locks`]).
+fn panicked(
+    node: &Node,
+    dir: &DirState,
+    what: &str,
+    e: tokio::task::JoinError,
+    now: tokio::time::Instant,
+) {
+    let msg = match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(e) => e.to_string(),
+    };
+    let wait = dir.retry.locked().failed(now);
+    dir.panicked.store(true, Ordering::Relaxed);
+    dir.set_error(format!(
+        "internal error during {what} (a bug; please report it): {msg}; retrying in {}",
+        humantime::format_duration(Duration::from_secs(wait.as_secs().max(1)))
+    ));
+    node.metrics
+        .errors
+        .with_label_values(&[&dir.id, "panic"])
+        .inc();
+    tracing::error!(dir = %dir.id, panic = %msg, retry_in = ?wait, "{what} panicked");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_with_dir(tmp: &std::path::Path) -> (Arc<Node>, Arc<DirState>) {
+        let store = Arc::new(Store::open(&tmp.join("index"), ChunkerConfig::default()).unwrap());
+        let node = Arc::new(
+            Node::new(
+                "n1".into(),
+                "127.0.0.1:7400".into(),
+                BTreeMap::new(),
+                store,
+                vec![],
+            )
+            .unwrap(),
+        );
+        let data = tmp.join("data");
+        std::fs::create_dir(&data).unwrap();
+        let file: crate::config::DirFile = toml::from_str(&format!(
+            "id = \"www\"\npath = \"{}\"\nmode = \"replica\"\n",
+            data.display()
+        ))
+        .unwrap();
+        let dir = Arc::new(DirState::from_config("www", &file).unwrap());
+        node.dirs.write_locked().insert("www".into(), dir.clone());
+        (node, dir)
+    }
+
+    /// Issue 8 item 2: a panic in one directory's work, under the node-wide
+    /// index lock, marks that directory `error` (status and metrics), backs
+    /// off, leaves no lock unusable, and stops the watchdog only when no
+    /// directory can make progress.
+    #[tokio::test]
+    async fn a_panic_marks_the_directory_and_backs_off_without_poisoning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (node, dir) = node_with_dir(tmp.path());
+        let n = node.clone();
+        let e = tokio::task::spawn_blocking(move || {
+            let _g = n.index_lock.locked();
+            let s = "é".repeat(40);
+            let _ = &s[..65]; // the kind of bug that used to poison the node
+        })
+        .await
+        .unwrap_err();
+        assert!(node.index_lock.is_poisoned());
+        let now = tokio::time::Instant::now();
+        panicked(&node, &dir, "sync", e, now);
+        assert_eq!(dir.state_name(), "error");
+        let reason = dir.status.locked().reason.clone();
+        assert!(
+            reason.contains("panic") || reason.contains("byte index"),
+            "{reason}"
+        );
+        assert!(reason.contains("retrying in"), "{reason}");
+        {
+            let r = dir.retry.locked();
+            assert_eq!(r.failures, 1);
+            assert!(r.next_at.is_some_and(|t| t > now));
+            assert!(!r.due(now, None));
+        }
+        assert_eq!(
+            node.metrics
+                .errors
+                .with_label_values(&["www", "panic"])
+                .get(),
+            1
+        );
+        // The only directory cannot progress: the watchdog is not fed.
+        assert!(!can_progress(&node));
+        // The poisoned lock is still usable: the next scan runs.
+        let (n, d) = (node.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || rescan(&n, &d))
+            .await
+            .unwrap()
+            .unwrap();
+        settled(&dir);
+        assert!(can_progress(&node));
+        assert_eq!(dir.retry.locked().failures, 0);
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let now = tokio::time::Instant::now();
+        let mut r = Retry::default();
+        let mut last = Duration::ZERO;
+        for i in 1..=12 {
+            let d = r.failed(now);
+            assert!(d <= RETRY_MAX, "{d:?}");
+            if i <= 4 {
+                // 1, 2, 4, 8 s ± 25 %
+                let base = RETRY_MIN * (1 << (i - 1));
+                assert!(
+                    d >= base.mul_f64(0.75) && d <= base.mul_f64(1.25),
+                    "{i}: {d:?}"
+                );
+                assert!(d > last.mul_f64(0.9) || i == 1);
+            }
+            last = d;
+        }
+        assert!(last >= RETRY_MAX.mul_f64(0.75));
+        // The failed version is not retried early; a new one is, but not
+        // more often than every RETRY_MIN.
+        r.failed_version = Some((5, vec![1; 32]));
+        r.last_attempt = Some(now);
+        assert!(!r.due(now + Duration::from_millis(10), Some((5, &[1; 32]))));
+        assert!(!r.due(now + Duration::from_millis(10), Some((6, &[2; 32]))));
+        assert!(r.due(now + RETRY_MIN, Some((6, &[2; 32]))));
+        assert!(!r.due(now + RETRY_MIN, Some((5, &[1; 32]))));
+    }
+
+    /// Issue 8 item 8: members down for DEAD_TTL are forgotten with their
+    /// channels; oversized labels and directories we do not carry are not
+    /// kept.
+    #[tokio::test]
+    async fn dead_members_are_forgotten_and_peer_keys_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (node, _dir) = node_with_dir(tmp.path());
+        let long_ago = std::time::Instant::now()
+            .checked_sub(DEAD_TTL + Duration::from_secs(1))
+            .unwrap();
+        for (id, addr, down) in [
+            ("gone", "10.0.0.9:7400", true),
+            ("here", "10.0.0.8:7400", false),
+        ] {
+            let mut p = PeerState::new(addr.into());
+            p.swim = true;
+            if down {
+                p.state = Liveness::Down;
+                p.down_since = Some(long_ago);
+            }
+            node.peers.locked().insert(id.into(), p);
+            node.channel(addr).unwrap();
+        }
+        node.channel("10.0.0.7:7400").unwrap(); // an address nobody has
+        node.forget_dead();
+        let peers = node.peers.locked();
+        assert!(peers.contains_key("here") && !peers.contains_key("gone"));
+        drop(peers);
+        let channels: Vec<String> = node.channels.locked().keys().cloned().collect();
+        assert_eq!(channels, ["10.0.0.8:7400"]);
+
+        let holdings =
+            |labels: std::collections::HashMap<String, String>, dirs: Vec<&str>| pb::Holdings {
+                from: Some(pb::Member {
+                    node_id: "evil".into(),
+                    address: "10.0.0.6:7400".into(),
+                    labels,
+                }),
+                dirs: dirs
+                    .into_iter()
+                    .map(|d| pb::DirVersion {
+                        dir: d.into(),
+                        version: 1,
+                        root: vec![0; 32],
+                        publisher: "evil".into(),
+                        entries: 1,
+                        bytes: 1,
+                    })
+                    .collect(),
+                pulling: vec![],
+            };
+        let big = "x".repeat(1 << 20);
+        let err = node
+            .learn(holdings([("rack".to_string(), big)].into(), vec!["www"]))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().len() < 1024, "{}", err.message().len());
+        assert!(!node.peers.locked().contains_key("evil"));
+        let err = node
+            .learn(holdings(
+                [("colour".to_string(), "red".to_string())].into(),
+                vec![],
+            ))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        node.learn(holdings(Default::default(), vec!["www", "not-ours", "x1"]))
+            .unwrap();
+        let held: Vec<String> = node.peers.locked()["evil"]
+            .holdings
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(held, ["www"]);
     }
 }

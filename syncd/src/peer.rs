@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chunk_store::manifest::NodeSource;
+use chunk_store::manifest::{ChunkEntry, NodeSource};
 use chunk_store::{Error as StoreError, Hash};
 use sync_proto::pb;
 use sync_proto::pb::peer_client::PeerClient;
@@ -19,7 +19,8 @@ use tokio::runtime::Handle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::fetch::{ChunkPeer, FetchResult};
+use crate::fetch::{ChunkPeer, FetchError, FetchResult};
+use crate::locks::LockExt as _;
 use crate::materialize::LocalChunks;
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -34,6 +35,118 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// Most directories one Holdings message may list (held, and pulling).
 pub const MAX_HOLDINGS: usize = 4096;
+/// `GetChunks` streams served at once, in total and per peer address. Each
+/// holds at most one batch being read and one queued (≤ 2 × 4 MiB), so
+/// serving takes at most ~256 MiB and 32 blocking reads however many
+/// requests arrive; more are refused with `RESOURCE_EXHAUSTED` and the
+/// caller asks another peer.
+pub const MAX_STREAMS: usize = 32;
+pub const MAX_STREAMS_PER_PEER: usize = 8;
+/// A stream whose reader takes no batch for this long is closed.
+pub const STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// `GetNodes` calls answered at once (each one short blocking read).
+pub const MAX_NODE_CALLS: usize = 16;
+
+/// Admission for serving: bounded streams and node reads, so requests from
+/// peers never take the threads and memory local work needs.
+#[derive(Debug)]
+pub struct Serving {
+    streams: Arc<tokio::sync::Semaphore>,
+    per_peer: PerPeer,
+    nodes: Arc<tokio::sync::Semaphore>,
+    nodes_per_peer: PerPeer,
+}
+
+/// One semaphore per caller address, created on first use; idle ones are
+/// forgotten when the map grows large.
+#[derive(Debug)]
+struct PerPeer {
+    permits: usize,
+    map: std::sync::Mutex<HashMap<std::net::IpAddr, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl PerPeer {
+    fn new(permits: usize) -> PerPeer {
+        PerPeer {
+            permits,
+            map: Default::default(),
+        }
+    }
+
+    fn of(&self, ip: std::net::IpAddr) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self.map.locked();
+        if map.len() >= 4096 {
+            map.retain(|_, s| s.available_permits() < self.permits);
+        }
+        map.entry(ip)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.permits)))
+            .clone()
+    }
+}
+
+/// `GetNodes` calls of one caller address answered at once.
+pub const MAX_NODE_CALLS_PER_PEER: usize = 4;
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            per_peer: PerPeer::new(MAX_STREAMS_PER_PEER),
+            nodes: Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CALLS)),
+            nodes_per_peer: PerPeer::new(MAX_NODE_CALLS_PER_PEER),
+        }
+    }
+}
+
+/// Permits held for the life of one served stream.
+type StreamPermits = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+impl Serving {
+    fn admit_stream(&self, peer: Option<std::net::IpAddr>) -> Result<StreamPermits, Status> {
+        let busy = |what: &str| {
+            Status::resource_exhausted(format!("serving {what}; ask another peer or retry later"))
+        };
+        let per =
+            match peer {
+                Some(ip) => Some(self.per_peer.of(ip).try_acquire_owned().map_err(|_| {
+                    busy(&format!("{MAX_STREAMS_PER_PEER} streams to {ip} already"))
+                })?),
+                None => None,
+            };
+        let total = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy(&format!("{MAX_STREAMS} streams already")))?;
+        Ok((total, per))
+    }
+
+    /// Waits (up to 10 s) for a turn to answer a `GetNodes` call: a peer
+    /// gets at most [`MAX_NODE_CALLS_PER_PEER`] of the [`MAX_NODE_CALLS`].
+    async fn admit_nodes(&self, peer: Option<std::net::IpAddr>) -> Result<NodePermits, Status> {
+        let wait = std::time::Duration::from_secs(10);
+        let busy = || Status::resource_exhausted("busy serving manifest nodes; retry later");
+        let per = match peer {
+            Some(ip) => Some(
+                tokio::time::timeout(wait, self.nodes_per_peer.of(ip).acquire_owned())
+                    .await
+                    .map_err(|_| busy())?
+                    .map_err(|_| Status::unavailable("shutting down"))?,
+            ),
+            None => None,
+        };
+        let total = tokio::time::timeout(wait, self.nodes.clone().acquire_owned())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        Ok((total, per))
+    }
+}
+
+type NodePermits = StreamPermits;
 
 fn hash_of(b: &[u8]) -> Result<Hash, Status> {
     Hash::from_slice(b)
@@ -89,6 +202,7 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         req: Request<pb::GetNodesRequest>,
     ) -> Result<Response<pb::GetNodesResponse>, Status> {
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let ids = req.into_inner().ids;
         if ids.len() > MAX_NODES_PER_CALL {
             return Err(Status::invalid_argument(format!(
@@ -96,8 +210,10 @@ impl pb::peer_server::Peer for PeerService {
             )));
         }
         let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
+        let permit = self.node.serving.admit_nodes(peer_ip).await?;
         let store = self.node.store.clone();
         let nodes = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut out = Vec::with_capacity(ids.len());
             let mut total = 0;
             for id in ids {
@@ -120,16 +236,19 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(pb::GetNodesResponse { nodes }))
     }
 
-    type GetChunksStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ChunkBatch, Status>>;
+    type GetChunksStream = ServedChunks;
 
     async fn get_chunks(
         &self,
         req: Request<pb::GetChunksRequest>,
     ) -> Result<Response<Self::GetChunksStream>, Status> {
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
-        if r.requester.len() > 128 || r.dir.len() > 128 {
+        if !(r.requester.is_empty() || crate::node::is_id(&r.requester))
+            || !crate::node::is_id(&r.dir)
+        {
             return Err(Status::invalid_argument(
-                "requester or dir longer than 128 bytes",
+                "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
             ));
         }
         if r.hashes.len() > MAX_CHUNKS_PER_CALL {
@@ -137,53 +256,109 @@ impl pb::peer_server::Peer for PeerService {
                 "more than {MAX_CHUNKS_PER_CALL} chunks"
             )));
         }
-        let hashes: Vec<Hash> = r
-            .hashes
-            .iter()
-            .map(|b| hash_of(b))
-            .collect::<Result<_, _>>()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        if self.node.dir(&r.dir).is_none() {
+            return Err(Status::not_found(format!(
+                "this node does not carry directory {:?}",
+                r.dir
+            )));
+        }
+        // Each chunk once, however often it is named: a 2 KB request must
+        // not make us send the same chunk a thousand times.
+        let mut seen = std::collections::HashSet::with_capacity(r.hashes.len());
+        let mut hashes: Vec<Hash> = Vec::with_capacity(r.hashes.len());
+        for b in &r.hashes {
+            let h = hash_of(b)?;
+            if seen.insert(h) {
+                hashes.push(h);
+            }
+        }
+        // The permits live as long as the response stream: a stream whose
+        // reader stalled still counts until the connection lets it go.
+        let permits = self.node.serving.admit_stream(peer_ip)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let node = self.node.clone();
         let (requester, dir) = (r.requester, r.dir);
-        tokio::task::spawn_blocking(move || {
-            let local = LocalChunks::for_serving(&node.store, node.roots());
-            let mut batch = pb::ChunkBatch::default();
-            let mut size = 0;
+        let hashes = Arc::new(hashes);
+        tokio::spawn(async move {
             let (mut sent, mut chunks) = (0u64, 0u64);
-            for h in hashes {
-                // Indexed files first, then files still being received.
-                let data = match local.read_hash(&h) {
-                    Ok(Some(d)) => d,
-                    _ => node
-                        .in_flight
-                        .read_hash(&h)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default(),
+            let mut next = 0;
+            while next < hashes.len() {
+                // One batch read on a blocking thread, then handed to the
+                // stream with a deadline: a reader that stops reading
+                // holds no thread, and is dropped after STREAM_STALL.
+                let (n2, h2) = (node.clone(), hashes.clone());
+                let read = tokio::task::spawn_blocking(move || read_batch(&n2, &h2, next)).await;
+                let Ok((batch, upto, bytes, count)) = read else {
+                    break;
                 };
-                size += data.len();
-                sent += data.len() as u64;
-                chunks += u64::from(!data.is_empty());
-                batch.chunks.push(pb::Chunk {
-                    hash: h.as_bytes().to_vec(),
-                    data: Bytes::from(data),
-                });
-                if size >= MAX_BATCH_BYTES / 2 {
-                    if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                next = upto;
+                sent += bytes;
+                chunks += count;
+                match tokio::time::timeout(STREAM_STALL, tx.send(Ok(batch))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break, // the caller went away
+                    Err(_) => {
+                        tracing::debug!(requester = %requester, "closing a GetChunks stream nobody reads");
                         break;
                     }
-                    size = 0;
                 }
-            }
-            if !batch.chunks.is_empty() {
-                let _ = tx.blocking_send(Ok(batch));
             }
             node.record_sent(&requester, &dir, sent, chunks);
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(ServedChunks {
+            inner: tokio_stream::wrappers::ReceiverStream::new(rx),
+            _permits: permits,
+        }))
     }
+}
+
+/// A `GetChunks` response: the batches, and the admission permits they
+/// hold until tonic drops the stream.
+#[derive(Debug)]
+pub struct ServedChunks {
+    inner: tokio_stream::wrappers::ReceiverStream<Result<pb::ChunkBatch, Status>>,
+    _permits: StreamPermits,
+}
+
+impl tokio_stream::Stream for ServedChunks {
+    type Item = Result<pb::ChunkBatch, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// Reads chunks `hashes[from..]` until a batch is half the batch limit;
+/// returns the batch, where it stopped, and the bytes and chunks in it.
+fn read_batch(node: &Node, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usize, u64, u64) {
+    let local = LocalChunks::for_serving(&node.store, node.roots());
+    let mut batch = pb::ChunkBatch::default();
+    let (mut size, mut count) = (0usize, 0u64);
+    let mut i = from;
+    while i < hashes.len() && size < MAX_BATCH_BYTES / 2 {
+        let h = &hashes[i];
+        i += 1;
+        // Indexed files first, then files still being received.
+        let data = match local.read_hash(h) {
+            Ok(Some(d)) => d,
+            _ => node
+                .in_flight
+                .read_hash(h)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        size += data.len();
+        count += u64::from(!data.is_empty());
+        batch.chunks.push(pb::Chunk {
+            hash: h.as_bytes().to_vec(),
+            data: Bytes::from(data),
+        });
+    }
+    (batch, i, size as u64, count)
 }
 
 /// A connected peer, usable from blocking code (the diff and the
@@ -215,9 +390,13 @@ impl RemotePeer {
         mut client: PeerClient<Channel>,
         peer: String,
         req: pb::GetChunksRequest,
-        hashes: Vec<Hash>,
+        chunks: Vec<ChunkEntry>,
+        metrics: Metrics,
     ) -> Result<HashMap<Hash, Bytes>, Status> {
-        let asked: std::collections::HashSet<Hash> = hashes.into_iter().collect();
+        // Expected lengths from the recipe: a chunk of another length is
+        // corrupt, whatever it hashes to, and is dropped before it is kept
+        // (memory was planned for the recipe's lengths).
+        let asked: HashMap<Hash, u32> = chunks.into_iter().map(|c| (c.hash, c.len)).collect();
         let mut stream = client.get_chunks(req).await?.into_inner();
         let mut out = HashMap::new();
         while let Some(batch) = stream.message().await? {
@@ -226,15 +405,29 @@ impl RemotePeer {
                     continue;
                 }
                 let h = hash_of(&c.hash)?;
-                if !asked.contains(&h) {
+                let Some(&len) = asked.get(&h) else {
                     return Err(Status::invalid_argument(format!(
                         "peer {peer} sent chunk {h} that was not asked for"
                     )));
+                };
+                if out.contains_key(&h) {
+                    continue;
                 }
-                // Verify before keeping: the hash is the proof.
-                if Hash::of(&c.data) == h {
+                // Verify before keeping: the length, then the hash. A
+                // chunk of the wrong length ends the call: the peer is
+                // lying about what it serves, and the rest of its stream
+                // is not worth receiving.
+                if c.data.len() != len as usize {
+                    metrics.corrupt_chunks.with_label_values(&["length"]).inc();
+                    tracing::warn!(peer = %peer, chunk = %h, expected = len, got = c.data.len(), "peer sent a chunk of the wrong length; rejected as corrupt");
+                    return Err(Status::data_loss(format!(
+                        "peer {peer} sent chunk {h} of {} bytes, the recipe says {len}",
+                        c.data.len()
+                    )));
+                } else if Hash::of(&c.data) == h {
                     out.insert(h, c.data);
                 } else {
+                    metrics.corrupt_chunks.with_label_values(&["hash"]).inc();
                     tracing::warn!(peer = %peer, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
                 }
             }
@@ -257,13 +450,14 @@ impl ChunkPeer for PeerChunks {
         &self.peer.id
     }
 
-    fn fetch(&self, hashes: Vec<Hash>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
+    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
         let (client, id) = (self.peer.client.clone(), self.peer.id.clone());
         let req = pb::GetChunksRequest {
             dir: self.dir.clone(),
-            hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
+            hashes: chunks.iter().map(|c| c.hash.as_bytes().to_vec()).collect(),
             requester: self.requester.clone(),
         };
+        let metrics = self.peer.metrics.clone();
         let histogram = self
             .peer
             .metrics
@@ -271,9 +465,16 @@ impl ChunkPeer for PeerChunks {
             .with_label_values(&["get_chunks"]);
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let r = RemotePeer::fetch_chunks(client, id, req, hashes)
+            let r = RemotePeer::fetch_chunks(client, id, req, chunks, metrics)
                 .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()));
+                .map_err(|s| {
+                    let text = format!("{}: {}", s.code(), s.message());
+                    if s.code() == tonic::Code::ResourceExhausted {
+                        FetchError::Busy(text)
+                    } else {
+                        FetchError::Failed(text)
+                    }
+                });
             histogram.observe(started.elapsed().as_secs_f64());
             r
         })

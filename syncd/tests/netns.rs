@@ -1,6 +1,8 @@
 //! A real network partition: three daemons in their own network namespaces
 //! on a bridge (private 10.213.0.0/24 addresses inside namespaces this test
-//! creates and removes). Cutting one replica's link makes SWIM declare it
+//! creates and removes), each configured like the shipped example:
+//! `listen = "0.0.0.0:7400"` with `advertise` set to its own address (before
+//! `advertise` existed, nodes advertised the wildcard and never met). Cutting one replica's link makes SWIM declare it
 //! dead while the rest of the fleet moves on; healing it brings it back and
 //! it catches up with what changed meanwhile, without operator action.
 //!

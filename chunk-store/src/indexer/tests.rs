@@ -459,3 +459,91 @@ fn ignored_paths_are_not_published_nor_entered() {
     assert_eq!(r.files_read, 0, "nothing under .cache/ was read");
     f.store.check("d").unwrap();
 }
+
+/// Issue 8 item 10: a FIFO never blocks the scan, and a file that is a
+/// symlink when opened is never read through (decided from fstat of the
+/// opened fd, not from the walk's lstat).
+#[test]
+fn special_files_and_swapped_files_are_never_read() {
+    let f = fixture();
+    write(&f.root, "a.txt", b"hello");
+    let fifo = f.root.join("pipe");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mkfifo");
+    // Finishes (a blocking open of the FIFO would hang here for good).
+    let r = scan(&f.store, "www", &f.root).unwrap();
+    assert_eq!(r.files, 1);
+    assert_eq!(r.skipped, 1);
+
+    // open_beneath refuses a symlink at the last component, and the
+    // FIFO opens without blocking and is seen for what it is.
+    let secret = f._tmp.path().join("secret");
+    fs::write(&secret, b"outside the root").unwrap();
+    std::os::unix::fs::symlink(&secret, f.root.join("swapped")).unwrap();
+    let top = Dir::open_ambient_dir(&f.root, ambient_authority()).unwrap();
+    let e = open_beneath(&top, "swapped").unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(rustix::io::Errno::LOOP.raw_os_error()),
+        "{e}"
+    );
+    let p = open_beneath(&top, "pipe").unwrap();
+    assert!(!p.metadata().unwrap().is_file());
+    // chunk_file on a path that became a symlink since the walk: skipped.
+    let cfg = ChunkerConfig::default();
+    assert!(matches!(
+        chunk_file(
+            &cfg,
+            &top,
+            "swapped",
+            &f.root.join("swapped"),
+            &ScanOptions::default()
+        )
+        .unwrap(),
+        Read::NotRegular
+    ));
+    assert!(matches!(
+        chunk_file(&cfg, &top, "pipe", &fifo, &ScanOptions::default()).unwrap(),
+        Read::NotRegular
+    ));
+}
+
+/// Issue 8 item 3: a huge sparse file is neither chunked nor sized into an
+/// allocation; it is skipped under `max_file_size`, and a scan with no
+/// limit does not allocate from its length either (only from what it reads).
+#[test]
+fn files_over_max_file_size_are_skipped() {
+    let f = fixture();
+    write(&f.root, "small.txt", b"small");
+    let big = fs::File::create(f.root.join("sparse.img")).unwrap();
+    // As large as this file system allows (ext4: 16 TiB; tmpfs: more).
+    let len = [1u64 << 50, 1 << 44, (1 << 44) - 4096, 1 << 40]
+        .into_iter()
+        .find(|&l| big.set_len(l).is_ok())
+        .expect("a large sparse file");
+    let opts = ScanOptions {
+        max_file_size: Some(1 << 30),
+        ..Default::default()
+    };
+    let r = scan_with(&f.store, "www", &f.root, opts).unwrap();
+    assert_eq!((r.files, r.skipped), (1, 1), "{len}-byte file not skipped");
+    assert_eq!(r.bytes_read, 5);
+}
+
+#[test]
+fn temp_names_are_never_published() {
+    let f = fixture();
+    write(&f.root, "a.txt", b"a");
+    write(&f.root, ".syncd-tmp.1.2.a.txt", b"half-written");
+    let r = scan(&f.store, "www", &f.root).unwrap();
+    assert_eq!(r.files, 1);
+    let names: Vec<String> = list(&f.store, &r.root)
+        .unwrap()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(names, ["a.txt"]);
+}

@@ -528,3 +528,332 @@ fn unsorted_entries_are_rejected() {
             .contains("not strictly sorted")
     );
 }
+
+/// A remote tree built by hand: nodes the builder would never make.
+struct Hostile(MemNodes);
+
+impl Hostile {
+    fn new() -> Hostile {
+        Hostile(MemNodes {
+            origin: Some(Origin::Remote),
+            ..Default::default()
+        })
+    }
+    fn put(&mut self, n: Node) -> Hash {
+        let b = n.encode();
+        let h = Hash::of(&b);
+        self.0.nodes.insert(h, b);
+        h
+    }
+    fn file(&mut self, size: u64) -> EntryMeta {
+        let recipe = self.put(Node::RecipeLeaf(vec![ChunkEntry {
+            hash: Hash::of(b"x"),
+            len: size as u32,
+        }]));
+        EntryMeta::File {
+            mode: 0o644,
+            size,
+            mtime: Mtime {
+                secs: 1_700_000_000,
+                nanos: 0,
+            },
+            recipe,
+        }
+    }
+    fn dir_leaf(&mut self, entries: Vec<(String, EntryMeta)>) -> Hash {
+        self.put(Node::DirLeaf(
+            entries
+                .into_iter()
+                .map(|(name, meta)| DirEntry { name, meta })
+                .collect(),
+        ))
+    }
+}
+
+fn diff_remote(remote: &Hostile, root: Hash, limits: DiffLimits) -> Result<Diff, Error> {
+    let empty = MemNodes::default();
+    diff_limited(
+        &empty,
+        None,
+        &remote.0,
+        Some(root),
+        &mut |_| Ok(false),
+        limits,
+    )
+}
+
+/// Issue 8 item 2: 17 nested 255-byte names, the first with `é` straddling
+/// byte 64. The path-too-long error sliced `&path[..64]` and panicked.
+#[test]
+fn an_overlong_path_with_a_multibyte_character_at_byte_64_is_an_error() {
+    let mut first = "a".repeat(63);
+    first.push('é');
+    first.push_str(&"a".repeat(255 - first.len()));
+    assert_eq!(first.len(), 255);
+    assert!(!first.is_char_boundary(64));
+    let mut t = Hostile::new();
+    let file = t.file(1);
+    let mut child = t.dir_leaf(vec![("f".into(), file)]);
+    for depth in (0..17).rev() {
+        let name = if depth == 0 {
+            first.clone()
+        } else {
+            format!("{depth:02}{}", "b".repeat(253))
+        };
+        child = t.dir_leaf(vec![(
+            name,
+            EntryMeta::Dir {
+                mode: 0o755,
+                root: child,
+            },
+        )]);
+    }
+    let err = diff_remote(&t, child, DiffLimits::NONE).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidTree {
+                origin: Origin::Remote,
+                ..
+            }
+        ) && err.to_string().contains("exceeds 4096 bytes"),
+        "{err}"
+    );
+}
+
+/// Issue 8 item 4: pages referenced many times. Three distinct nodes make
+/// a million paths; the version declared 3 entries, so the diff stops
+/// after the fourth, having read a handful of nodes.
+#[test]
+fn a_dag_of_shared_pages_is_bounded_by_the_declared_size() {
+    let mut t = Hostile::new();
+    let file = t.file(1);
+    let l0 = t.dir_leaf(vec![("f".into(), file)]);
+    let l1 = t.dir_leaf(
+        (0..1000)
+            .map(|i| {
+                (
+                    format!("d{i:04}"),
+                    EntryMeta::Dir {
+                        mode: 0o755,
+                        root: l0,
+                    },
+                )
+            })
+            .collect(),
+    );
+    let root = t.dir_leaf(
+        (0..1000)
+            .map(|i| {
+                (
+                    format!("d{i:04}"),
+                    EntryMeta::Dir {
+                        mode: 0o755,
+                        root: l1,
+                    },
+                )
+            })
+            .collect(),
+    );
+    let err = diff_remote(&t, root, DiffLimits::declared(3, 3, 16 << 10)).unwrap_err();
+    assert!(err.to_string().contains("more than the 3 entries"), "{err}");
+    // Declared honestly (2,001,001 entries) the walk is bounded by the
+    // node budget instead of running over every path.
+    let counting = CachedNodes::new(&t.0, 1 << 20);
+    let empty = MemNodes::default();
+    let limits = DiffLimits {
+        max_nodes: 200,
+        ..DiffLimits::NONE
+    };
+    let err = diff_limited(
+        &empty,
+        None,
+        &counting,
+        Some(root),
+        &mut |_| Ok(false),
+        limits,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("more than 200 nodes"), "{err}");
+    // Each distinct node was fetched once, however often it is referenced.
+    assert_eq!(counting.fetched(), 4);
+}
+
+/// Issue 8 item 4: a 2^60-byte file whose recipe reuses one page at every
+/// level: the diff reads each distinct node once.
+#[test]
+fn a_recipe_reusing_one_page_is_walked_once() {
+    let mut t = Hostile::new();
+    let leaf = t.put(Node::RecipeLeaf(
+        (0..16u8)
+            .map(|i| ChunkEntry {
+                hash: Hash::of(&[i]),
+                len: 256 << 10,
+            })
+            .collect(),
+    ));
+    let (mut child, mut below) = (leaf, 16u64 * (256 << 10));
+    let mut level = 0;
+    while below < 1 << 60 {
+        level += 1;
+        // 4096 children a level (the last level fewer: exactly 2^60).
+        let fan = 4096.min((1u64 << 60) / below);
+        child = t.put(Node::Index {
+            tree: Tree::Recipe,
+            level,
+            children: vec![Child { hash: child, below }; fan as usize],
+        });
+        below *= fan;
+    }
+    assert_eq!(below, 1 << 60);
+    let meta = EntryMeta::File {
+        mode: 0o644,
+        size: below,
+        mtime: Mtime::default(),
+        recipe: child,
+    };
+    let root = t.dir_leaf(vec![("huge".into(), meta)]);
+    let d = diff_remote(&t, root, DiffLimits::declared(1, below, 16 << 10)).unwrap();
+    assert_eq!(d.missing_chunks.len(), 16);
+    assert!(
+        d.nodes_visited <= 2 + u64::from(level),
+        "{}",
+        d.nodes_visited
+    );
+    // A recipe that cannot be the file's: refused when read for writing.
+    let err = read_recipe_checked(&t.0, &child, 1 << 30, 16 << 10)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_err();
+    assert!(err.to_string().contains("covers more than"), "{err}");
+    // A DAG of empty pages (which never adds bytes) is refused at once.
+    let empty = t.put(Node::RecipeLeaf(vec![]));
+    let mut top = empty;
+    for level in 1..=40 {
+        top = t.put(Node::Index {
+            tree: Tree::Recipe,
+            level,
+            children: vec![
+                Child {
+                    hash: top,
+                    below: 0
+                };
+                4096
+            ],
+        });
+    }
+    let err = read_recipe_checked(&t.0, &top, 1 << 20, 16 << 10)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_err();
+    assert!(err.to_string().contains("empty page"), "{err}");
+    // An honest recipe streams back whole.
+    let chunks: Vec<ChunkEntry> = (0..3000u32)
+        .map(|i| ChunkEntry {
+            hash: Hash::of(&i.to_le_bytes()),
+            len: 20_000,
+        })
+        .collect();
+    let mut nodes = MemNodes::default();
+    let r = build_recipe(chunks.clone(), &mut nodes).unwrap();
+    let back: Vec<ChunkEntry> = read_recipe_checked(&nodes, &r, 3000 * 20_000, 16 << 10)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(back, chunks);
+}
+
+/// Issue 8 item 11: a name in two pages, a reserved temp name, and an mtime
+/// no file system keeps are each refused with the path named.
+#[test]
+fn names_repeated_across_pages_reserved_names_and_absurd_mtimes_are_refused() {
+    let mut t = Hostile::new();
+    let f = t.file(1);
+    let p1 = t.dir_leaf(vec![
+        ("a.txt".into(), f.clone()),
+        ("dup.txt".into(), f.clone()),
+    ]);
+    let p2 = t.dir_leaf(vec![
+        ("dup.txt".into(), f.clone()),
+        ("z.txt".into(), f.clone()),
+    ]);
+    let root = t.put(Node::Index {
+        tree: Tree::Dir,
+        level: 1,
+        children: vec![Child { hash: p1, below: 2 }, Child { hash: p2, below: 2 }],
+    });
+    let err = diff_remote(&t, root, DiffLimits::NONE).unwrap_err();
+    assert!(
+        err.to_string().contains("\"dup.txt\": name repeated"),
+        "{err}"
+    );
+
+    // The same repetition when the local side has the first page: that
+    // page is skipped unread on both sides, and the repetition is still
+    // caught (the order check resumes from the skipped page's last name).
+    let mut local = Hostile::new();
+    local.0.origin = Some(Origin::Local);
+    let lp1 = local.dir_leaf(vec![
+        ("a.txt".into(), f.clone()),
+        ("dup.txt".into(), f.clone()),
+    ]);
+    assert_eq!(lp1, p1);
+    let lp3 = local.dir_leaf(vec![("zz.txt".into(), f.clone())]);
+    let lroot = local.put(Node::Index {
+        tree: Tree::Dir,
+        level: 1,
+        children: vec![
+            Child {
+                hash: lp1,
+                below: 2,
+            },
+            Child {
+                hash: lp3,
+                below: 1,
+            },
+        ],
+    });
+    let err = diff_limited(
+        &local.0,
+        Some(lroot),
+        &t.0,
+        Some(root),
+        &mut |_| Ok(false),
+        DiffLimits::NONE,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"dup.txt\": name repeated"),
+        "{err}"
+    );
+
+    let mut t = Hostile::new();
+    let f = t.file(1);
+    let root = t.dir_leaf(vec![(".syncd-tmp.1.2.x".into(), f)]);
+    let err = diff_remote(&t, root, DiffLimits::NONE).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\".syncd-tmp.1.2.x\": names starting"),
+        "{err}"
+    );
+
+    let mut t = Hostile::new();
+    let EntryMeta::File {
+        mode, size, recipe, ..
+    } = t.file(1)
+    else {
+        unreachable!()
+    };
+    let meta = EntryMeta::File {
+        mode,
+        size,
+        recipe,
+        mtime: Mtime {
+            secs: i64::MAX,
+            nanos: 0,
+        },
+    };
+    let root = t.dir_leaf(vec![("late".into(), meta)]);
+    let err = diff_remote(&t, root, DiffLimits::NONE).unwrap_err();
+    assert!(
+        err.to_string().contains("\"late\": modification time"),
+        "{err}"
+    );
+}

@@ -316,8 +316,19 @@ fn status_text(s: &pba::StatusReply) -> String {
             out.push_str(&format!("\n{}: error: {}\n", d.id, d.reason));
         } else if !d.last_error.is_empty() {
             out.push_str(&format!(
-                "\n{}: last error (recovered): {}\n",
-                d.id, d.last_error
+                "\n{}: last error{}: {}\n",
+                d.id,
+                if d.failures > 0 { "" } else { " (recovered)" },
+                d.last_error
+            ));
+        }
+        if d.failures > 0 {
+            out.push_str(&format!(
+                "{}: {} failed attempt{} in a row; next retry in {:.0} s\n",
+                d.id,
+                d.failures,
+                if d.failures == 1 { "" } else { "s" },
+                d.retry_in_seconds.ceil()
             ));
         }
     }

@@ -22,12 +22,13 @@ impl ChunkPeer for FakePeer {
         &self.name
     }
 
-    fn fetch(&self, hashes: Vec<Hash>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
-        self.asked.fetch_add(hashes.len(), Ordering::SeqCst);
+    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
+        self.asked.fetch_add(chunks.len(), Ordering::SeqCst);
         let fail = self.fail_calls;
         let delay = self.delay;
-        let out: HashMap<Hash, Bytes> = hashes
+        let out: HashMap<Hash, Bytes> = chunks
             .iter()
+            .map(|c| &c.hash)
             .filter_map(|h| {
                 let b = self.chunks.get(h)?.clone();
                 if self.corrupt.contains(h) {
@@ -41,7 +42,7 @@ impl ChunkPeer for FakePeer {
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             if fail {
-                Err("connection refused".to_string())
+                Err(FetchError::Failed("connection refused".to_string()))
             } else {
                 Ok(out)
             }

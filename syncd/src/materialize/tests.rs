@@ -49,6 +49,7 @@ fn apply_to(dst: &Side, diff: &Diff, src: &Side, sources: &[&dyn ChunkSource]) -
         sources,
         &InFlight::default(),
         &Default::default(),
+        ApplyOptions::default(),
     )
 }
 
@@ -310,6 +311,7 @@ fn chunks_of_a_file_still_being_written_can_be_served() {
         &[&watching],
         &in_flight,
         &Default::default(),
+        ApplyOptions::default(),
     )
     .unwrap();
     // Each chunk was readable as soon as it was written, before the file
@@ -347,4 +349,201 @@ fn the_index_records_written_files_from_the_report_without_reading_them() {
     assert_eq!(r.files_read, 0);
     assert_eq!(r.root, scan(&src.store, "www", &src.root).unwrap().root);
     dst.store.check("www").unwrap();
+}
+
+/// A file replaced since it was indexed — by a symlink to a secret beside
+/// the root, or by other content — is never read for the old location:
+/// serving opens beneath the root without following symlinks and only
+/// files that are as the index recorded them.
+#[test]
+fn serving_reads_only_current_files_beneath_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let old = pseudo_random(4000, 31);
+    write(&src.root, "f.bin", &old);
+    write(&src.root, "g.bin", &pseudo_random(4000, 32));
+    scan(&src.store, "www", &src.root).unwrap();
+    let secret = tmp.path().join("secret");
+    fs::write(&secret, pseudo_random(4000, 33)).unwrap();
+    let serving = || LocalChunks::for_serving(&src.store, vec![("www".into(), src.root.clone())]);
+    let h = Hash::of(&old);
+    assert_eq!(serving().read_hash(&h).unwrap().as_deref(), Some(&old[..]));
+
+    fs::remove_file(src.root.join("f.bin")).unwrap();
+    symlink("../secret", src.root.join("f.bin")).unwrap();
+    assert_eq!(
+        serving().read_hash(&h).unwrap(),
+        None,
+        "read through a symlink"
+    );
+
+    // Same inode, new bytes of the same length: not as indexed either.
+    let g = pseudo_random(4000, 32);
+    let hg = Hash::of(&g);
+    let mut changed = g.clone();
+    changed[0] ^= 1;
+    std::thread::sleep(std::time::Duration::from_millis(20)); // a distinct mtime
+    fs::write(src.root.join("g.bin"), &changed).unwrap();
+    assert_eq!(
+        serving().read_hash(&hg).unwrap(),
+        None,
+        "read a changed file"
+    );
+}
+
+#[test]
+fn setid_bits_are_stripped_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    write(&src.root, "prog", b"#!/bin/sh\n");
+    fs::set_permissions(src.root.join("prog"), fs::Permissions::from_mode(0o6755)).unwrap();
+    let opts = indexer::ScanOptions {
+        keep_setid: true,
+        ..Default::default()
+    };
+    let s = indexer::scan_with(&src.store, "www", &src.root, opts).unwrap();
+    let d = scan(&dst.store, "www", &dst.root).unwrap();
+    let diff = manifest::diff(
+        &dst.store,
+        Some(d.root),
+        &src.store,
+        Some(s.root),
+        &mut |_| Ok(false),
+    )
+    .unwrap();
+    let remote = chunks_of(&src);
+    for (allow, want) in [(false, 0o755), (true, 0o6755)] {
+        let _ = fs::remove_file(dst.root.join("prog"));
+        apply(
+            &dst.root,
+            &diff,
+            &src.store,
+            &[&remote],
+            &InFlight::default(),
+            &Default::default(),
+            ApplyOptions {
+                allow_setid: allow,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mode = fs::metadata(dst.root.join("prog")).unwrap().mode() & 0o7777;
+        assert_eq!(mode, want, "allow_setid = {allow}");
+    }
+    // The indexer does not publish them either, unless told to.
+    let plain = scan(&src.store, "www2", &src.root).unwrap();
+    let list = manifest::list(&src.store, &plain.root).unwrap();
+    assert!(
+        matches!(list[0].1, EntryMeta::File { mode: 0o755, .. }),
+        "{list:?}"
+    );
+}
+
+/// One remote file entry with `chunks` as its recipe, as a peer could
+/// describe it, and the diff that adds it.
+fn remote_file(size: u64, mtime: Mtime, chunks: Vec<ChunkEntry>) -> (manifest::MemNodes, Diff) {
+    let mut nodes = manifest::MemNodes {
+        origin: Some(chunk_store::Origin::Remote),
+        ..Default::default()
+    };
+    let recipe = manifest::build_recipe(chunks, &mut nodes).unwrap();
+    let meta = EntryMeta::File {
+        mode: 0o644,
+        size,
+        mtime,
+        recipe,
+    };
+    let root = manifest::build_dir(
+        vec![manifest::DirEntry {
+            name: "f".into(),
+            meta,
+        }],
+        &mut nodes,
+    )
+    .unwrap();
+    let empty = manifest::MemNodes::default();
+    let diff = manifest::diff(&empty, None, &nodes, Some(root), &mut |_| Ok(false)).unwrap();
+    (nodes, diff)
+}
+
+#[test]
+fn a_recipe_longer_than_its_file_is_refused_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = side(tmp.path(), "dst");
+    // 48 one-byte chunks for a 48-byte file: no chunker cuts that.
+    let chunks: Vec<ChunkEntry> = (0..48u8)
+        .map(|i| ChunkEntry {
+            hash: Hash::of(&[i]),
+            len: 1,
+        })
+        .collect();
+    let (nodes, diff) = remote_file(
+        48,
+        Mtime {
+            secs: 1_700_000_000,
+            nanos: 0,
+        },
+        chunks,
+    );
+    let fixed = Fixed(vec![0]);
+    let err = apply(
+        &dst.root,
+        &diff,
+        &nodes,
+        &[&fixed],
+        &InFlight::default(),
+        &Default::default(),
+        ApplyOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("before the end"), "{err}");
+    assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 0);
+}
+
+#[test]
+fn a_clamped_mtime_is_an_error_naming_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = side(tmp.path(), "dst");
+    // Year 2514: ext4 stores at most 2446. On a file system that keeps it
+    // there is nothing to test.
+    let far = Mtime {
+        secs: (1 << 34) - 1,
+        nanos: 0,
+    };
+    let probe = tmp.path().join("probe");
+    fs::write(&probe, b"x").unwrap();
+    let f = fs::File::options().write(true).open(&probe).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(system_time(far)))
+        .unwrap();
+    if indexer::mtime_of(&f.metadata().unwrap()) == far {
+        eprintln!("this file system keeps year-2514 mtimes; skipping");
+        return;
+    }
+    let data = b"hello".to_vec();
+    let chunk = ChunkEntry {
+        hash: Hash::of(&data),
+        len: 5,
+    };
+    let (nodes, diff) = remote_file(5, far, vec![chunk]);
+    let fixed = Fixed(data);
+    let err = apply(
+        &dst.root,
+        &diff,
+        &nodes,
+        &[&fixed],
+        &InFlight::default(),
+        &Default::default(),
+        ApplyOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("\"f\"") && err.to_string().contains("modification time"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&dst.root).unwrap().count(),
+        0,
+        "a file or temp was left"
+    );
 }

@@ -78,7 +78,9 @@ impl Daemon {
         Daemon::build(tmp, name, ip, mode, peers, "", "", env).started()
     }
 
-    /// Like [`Daemon::new`], run inside network namespace `netns`.
+    /// Like [`Daemon::new`], run inside network namespace `netns`, as the
+    /// shipped example configures a host: listening on the wildcard
+    /// address, advertising its own.
     pub fn in_netns(
         tmp: &Path,
         name: &str,
@@ -88,6 +90,11 @@ impl Daemon {
         peers: &[&str],
     ) -> Daemon {
         let mut d = Daemon::build(tmp, name, ip, mode, peers, "", "", &[]);
+        let text = fs::read_to_string(&d.config).unwrap().replace(
+            &format!("listen = \"{ip}:7400\""),
+            &format!("listen = \"0.0.0.0:7400\"\nadvertise = \"{ip}:7400\""),
+        );
+        fs::write(&d.config, text).unwrap();
         d.netns = Some(netns.to_string());
         d.started()
     }
@@ -179,7 +186,7 @@ impl Daemon {
         let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "syncd=info")
+            .env("RUST_LOG", "syncd=info,chunk_store=info,warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
