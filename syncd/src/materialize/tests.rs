@@ -42,14 +42,25 @@ fn scan_and_diff(src: &Side, dst: &Side, before_diff: impl FnOnce()) -> Diff {
 
 /// Applies `diff` to `dst` with `src`'s manifest and the given sources.
 fn apply_to(dst: &Side, diff: &Diff, src: &Side, sources: &[&dyn ChunkSource]) -> Result<Report> {
+    apply_from(dst, diff, &src.store, sources, ApplyOptions::default())
+}
+
+/// Applies `diff` to `dst` with manifest nodes from `remote`.
+fn apply_from(
+    dst: &Side,
+    diff: &Diff,
+    remote: &dyn NodeSource,
+    sources: &[&dyn ChunkSource],
+    opts: ApplyOptions,
+) -> Result<Report> {
     apply(
         &dst.root,
         diff,
-        &src.store,
+        remote,
         sources,
         &InFlight::default(),
         &Default::default(),
-        ApplyOptions::default(),
+        opts,
     )
 }
 
@@ -415,19 +426,11 @@ fn setid_bits_are_stripped_unless_allowed() {
     let remote = chunks_of(&src);
     for (allow, want) in [(false, 0o755), (true, 0o6755)] {
         let _ = fs::remove_file(dst.root.join("prog"));
-        apply(
-            &dst.root,
-            &diff,
-            &src.store,
-            &[&remote],
-            &InFlight::default(),
-            &Default::default(),
-            ApplyOptions {
-                allow_setid: allow,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let opts = ApplyOptions {
+            allow_setid: allow,
+            ..Default::default()
+        };
+        apply_from(&dst, &diff, &src.store, &[&remote], opts).unwrap();
         let mode = fs::metadata(dst.root.join("prog")).unwrap().mode() & 0o7777;
         assert_eq!(mode, want, "allow_setid = {allow}");
     }
@@ -487,16 +490,7 @@ fn a_recipe_longer_than_its_file_is_refused_before_writing() {
         chunks,
     );
     let fixed = Fixed(vec![0]);
-    let err = apply(
-        &dst.root,
-        &diff,
-        &nodes,
-        &[&fixed],
-        &InFlight::default(),
-        &Default::default(),
-        ApplyOptions::default(),
-    )
-    .unwrap_err();
+    let err = apply_from(&dst, &diff, &nodes, &[&fixed], ApplyOptions::default()).unwrap_err();
     assert!(err.to_string().contains("before the end"), "{err}");
     assert_eq!(fs::read_dir(&dst.root).unwrap().count(), 0);
 }
@@ -527,16 +521,7 @@ fn a_clamped_mtime_is_an_error_naming_the_path() {
     };
     let (nodes, diff) = remote_file(5, far, vec![chunk]);
     let fixed = Fixed(data);
-    let err = apply(
-        &dst.root,
-        &diff,
-        &nodes,
-        &[&fixed],
-        &InFlight::default(),
-        &Default::default(),
-        ApplyOptions::default(),
-    )
-    .unwrap_err();
+    let err = apply_from(&dst, &diff, &nodes, &[&fixed], ApplyOptions::default()).unwrap_err();
     assert!(
         err.to_string().contains("\"f\"") && err.to_string().contains("modification time"),
         "{err}"
