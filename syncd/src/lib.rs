@@ -21,6 +21,9 @@
 //! - [`fetch`]: missing chunks fetched from several peers at once, in
 //!   windows, nearest first, bounded read-ahead, retries elsewhere.
 //! - [`topology`]: peer classes (same rack / zone / region / elsewhere).
+//! - [`transport`]: the peer protocol as a seam: a `Transport` (asking
+//!   peers) and a `PeerHandler` (answering them), over gRPC or an
+//!   in-process network whose links can be cut, delayed and counted.
 //! - [`admin`]: the admin gRPC service on the Unix socket (`syncctl`).
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //! - [`hooks`]: `on_synced` commands after a version is in place.
@@ -39,3 +42,4 @@ pub mod node;
 pub mod peer;
 pub mod sdnotify;
 pub mod topology;
+pub mod transport;

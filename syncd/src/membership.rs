@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use sync_proto::pb;
 use tokio::sync::mpsc;
 
+use crate::transport::Transport;
+
 /// Largest SWIM packet sent or accepted.
 pub const MAX_PACKET: usize = 32 << 10;
 /// Inputs queued for the SWIM task; beyond this, packets are dropped (as a
@@ -86,8 +88,8 @@ impl Liveness {
 pub trait Members: Send + Sync + 'static {
     /// A member's liveness changed (or it was first seen).
     fn member(&self, id: &Ident, state: Liveness);
-    /// A gRPC channel to `address`, shared with the other peer calls.
-    fn channel(&self, address: &str) -> Option<tonic::transport::Channel>;
+    /// A SWIM packet is about to be sent (for accounting).
+    fn sending(&self) {}
 }
 
 enum Input {
@@ -138,10 +140,15 @@ fn config(expected_members: usize) -> foca::Config {
 impl Swim {
     /// Starts the SWIM task for `me`, announcing to `bootstrap` until some
     /// member answers.
-    pub fn start(me: Ident, bootstrap: Vec<String>, members: Arc<dyn Members>) -> Swim {
+    pub fn start(
+        me: Ident,
+        bootstrap: Vec<String>,
+        members: Arc<dyn Members>,
+        transport: Arc<dyn Transport>,
+    ) -> Swim {
         let (tx, rx) = mpsc::channel(QUEUE);
         let swim = Swim { tx: tx.clone() };
-        tokio::spawn(run(me, bootstrap, members, tx, rx));
+        tokio::spawn(run(me, bootstrap, members, transport, tx, rx));
         swim
     }
 
@@ -172,6 +179,7 @@ async fn run(
     me: Ident,
     bootstrap: Vec<String>,
     members: Arc<dyn Members>,
+    transport: Arc<dyn Transport>,
     tx: mpsc::Sender<Input>,
     mut rx: mpsc::Receiver<Input>,
 ) {
@@ -216,12 +224,10 @@ async fn run(
             tracing::debug!(error = %e, "SWIM input rejected");
         }
         while let Some((to, data)) = rt.to_send() {
-            let Some(channel) = members.channel(&to.address) else {
-                continue;
-            };
+            members.sending();
+            let transport = transport.clone();
             tokio::spawn(async move {
-                let mut client = pb::peer_client::PeerClient::new(channel);
-                let call = client.swim(pb::SwimPacket { data });
+                let call = transport.swim(&to.address, pb::SwimPacket { data });
                 if let Ok(Err(e)) = tokio::time::timeout(SEND_TIMEOUT, call).await {
                     tracing::trace!(to = %to.address, error = %e, "SWIM packet not delivered");
                 }

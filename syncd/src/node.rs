@@ -26,7 +26,6 @@ use chunk_store::{ChunkerConfig, Hash};
 use sync_proto::pb;
 use tokio::sync::Notify;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, Mode};
 use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
@@ -34,8 +33,10 @@ use crate::locks::{LockExt as _, RwLockExt as _};
 use crate::materialize::{self, InFlight, LocalChunks};
 use crate::membership::{Ident, Liveness, Members, Swim};
 use crate::metrics::Metrics;
-use crate::peer::{MAX_MESSAGE_BYTES, PeerChunks, PeerService, RemotePeer};
+use crate::peer::{PeerChunks, PeerService, RemotePeer};
 use crate::topology::PeerClass;
+use crate::transport::Transport;
+use crate::transport::grpc::{GrpcServer, GrpcTransport};
 use rand::seq::SliceRandom as _;
 
 /// How often holdings are exchanged with every known peer (a change is also
@@ -391,7 +392,8 @@ pub struct Node {
     dirs: std::sync::RwLock<BTreeMap<String, Arc<DirState>>>,
     bootstrap: Vec<String>,
     pub(crate) peers: Mutex<HashMap<String, PeerState>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// How peers are reached (gRPC in the daemon, in memory in tests).
+    pub transport: Arc<dyn Transport>,
     /// Scans, syncs and garbage collection never overlap: a sweep must not
     /// see nodes another scan wrote but has not yet referenced.
     pub index_lock: Mutex<()>,
@@ -445,12 +447,11 @@ impl Members for Node {
         }
     }
 
-    fn channel(&self, address: &str) -> Option<Channel> {
+    fn sending(&self) {
         self.metrics
             .gossip_messages
             .with_label_values(&["swim", "sent"])
             .inc();
-        Node::channel(self, address).ok()
     }
 }
 
@@ -462,6 +463,7 @@ impl Node {
         labels: BTreeMap<String, String>,
         store: Arc<Store>,
         bootstrap: Vec<String>,
+        transport: Arc<dyn Transport>,
     ) -> anyhow::Result<Node> {
         Ok(Node {
             id,
@@ -471,7 +473,7 @@ impl Node {
             dirs: Default::default(),
             bootstrap,
             peers: Mutex::new(HashMap::new()),
-            channels: Mutex::new(HashMap::new()),
+            transport,
             index_lock: Mutex::new(()),
             published: Notify::new(),
             learned: Notify::new(),
@@ -612,23 +614,6 @@ impl Node {
         Ok(())
     }
 
-    fn channel(&self, address: &str) -> anyhow::Result<Channel> {
-        let mut channels = self.channels.locked();
-        if let Some(c) = channels.get(address) {
-            return Ok(c.clone());
-        }
-        let c = Endpoint::from_shared(format!("http://{address}"))
-            .with_context(|| format!("peer address {address:?}"))?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(Duration::from_secs(60))
-            // Windows sized so one stream can fill a fast link.
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .connect_lazy();
-        channels.insert(address.to_string(), c.clone());
-        Ok(c)
-    }
-
     /// The newest version of `dir` among live peers, newer than ours, with
     /// the live peers that hold it (then those receiving it), nearest first.
     fn newest_elsewhere(&self, dir: &str) -> Option<(pb::DirVersion, Vec<Holder>)> {
@@ -706,7 +691,7 @@ impl Node {
             keep
         });
         if peers.len() == before
-            && self.channels.locked().len() <= peers.len() + self.bootstrap.len()
+            && self.transport.known().len() <= peers.len() + self.bootstrap.len()
         {
             return;
         }
@@ -716,7 +701,7 @@ impl Node {
             .chain(self.bootstrap.iter().cloned())
             .collect();
         drop(peers);
-        self.channels.locked().retain(|a, _| keep.contains(a));
+        self.transport.retain(&|a| keep.contains(a));
     }
 
     /// One exchange with every known peer and bootstrap address.
@@ -741,14 +726,14 @@ impl Node {
             calls.spawn(async move {
                 let started = std::time::Instant::now();
                 let result = async {
-                    let mut client = pb::peer_client::PeerClient::new(node.channel(&address)?)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES);
                     node.metrics
                         .gossip_messages
                         .with_label_values(&["exchange", "sent"])
                         .inc();
-                    let resp = tokio::time::timeout(CALL_TIMEOUT, client.exchange(req)).await??;
-                    anyhow::Ok(resp.into_inner())
+                    let resp =
+                        tokio::time::timeout(CALL_TIMEOUT, node.transport.exchange(&address, req))
+                            .await??;
+                    anyhow::Ok(resp)
                 }
                 .await;
                 let took = started.elapsed();
@@ -1023,14 +1008,15 @@ fn pull_locked(
     let peers: Vec<RemotePeer> = holders
         .iter()
         .map(|h| {
-            Ok(RemotePeer::new(
+            RemotePeer::new(
                 h.id.clone(),
-                node.channel(&h.address)?,
+                h.address.clone(),
+                node.transport.clone(),
                 rt.clone(),
                 node.metrics.clone(),
-            ))
+            )
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect();
     // The manifest comes from a full holder (the nearest).
     let (first, _) = peers
         .iter()
@@ -1229,6 +1215,7 @@ pub async fn run(
         n.labels.get_ref().clone(),
         store,
         n.peers.get_ref().clone(),
+        Arc::new(GrpcTransport::default()),
     )?);
 
     // The admin socket first, so `syncctl status` answers during the
@@ -1277,17 +1264,20 @@ pub async fn run(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64),
     };
-    let swim = Swim::start(me, node.bootstrap.clone(), node.clone());
+    let swim = Swim::start(
+        me,
+        node.bootstrap.clone(),
+        node.clone(),
+        node.transport.clone(),
+    );
     node.swim.set(swim).expect("set once");
     tracing::info!(node = %node.id, listen = %config.listen, dirs = pending.len(), "syncd running");
     let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
-        .add_service(
-            pb::peer_server::PeerServer::new(PeerService { node: node.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .initial_stream_window_size(crate::transport::grpc::STREAM_WINDOW)
+        .initial_connection_window_size(crate::transport::grpc::CONNECTION_WINDOW)
+        .add_service(GrpcServer::service(Arc::new(PeerService {
+            node: node.clone(),
+        })))
         .serve_with_incoming(
             // Nagle's algorithm against delayed ACKs cost ~40 ms per small
             // response (a manifest node) before this.
@@ -1730,7 +1720,9 @@ fn panicked(
 mod tests {
     use super::*;
 
-    fn node_with_dir(tmp: &std::path::Path) -> (Arc<Node>, Arc<DirState>) {
+    /// A node with one replica directory `www`, and its gRPC transport.
+    fn node_with_dir(tmp: &std::path::Path) -> (Arc<Node>, Arc<DirState>, Arc<GrpcTransport>) {
+        let grpc = Arc::new(GrpcTransport::default());
         let store = Arc::new(Store::open(&tmp.join("index"), ChunkerConfig::default()).unwrap());
         let node = Arc::new(
             Node::new(
@@ -1739,6 +1731,7 @@ mod tests {
                 BTreeMap::new(),
                 store,
                 vec![],
+                grpc.clone(),
             )
             .unwrap(),
         );
@@ -1751,7 +1744,7 @@ mod tests {
         .unwrap();
         let dir = Arc::new(DirState::from_config("www", &file).unwrap());
         node.dirs.write_locked().insert("www".into(), dir.clone());
-        (node, dir)
+        (node, dir, grpc)
     }
 
     /// Issue 8 item 2: a panic in one directory's work, under the node-wide
@@ -1761,7 +1754,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_marks_the_directory_and_backs_off_without_poisoning() {
         let tmp = tempfile::tempdir().unwrap();
-        let (node, dir) = node_with_dir(tmp.path());
+        let (node, dir, _) = node_with_dir(tmp.path());
         let n = node.clone();
         let e = tokio::task::spawn_blocking(move || {
             let _g = n.index_lock.locked();
@@ -1842,7 +1835,7 @@ mod tests {
     #[tokio::test]
     async fn dead_members_are_forgotten_and_peer_keys_bounded() {
         let tmp = tempfile::tempdir().unwrap();
-        let (node, _dir) = node_with_dir(tmp.path());
+        let (node, _dir, grpc) = node_with_dir(tmp.path());
         let long_ago = std::time::Instant::now()
             .checked_sub(DEAD_TTL + Duration::from_secs(1))
             .unwrap();
@@ -1857,15 +1850,14 @@ mod tests {
                 p.down_since = Some(long_ago);
             }
             node.peers.locked().insert(id.into(), p);
-            node.channel(addr).unwrap();
+            grpc.prime(addr);
         }
-        node.channel("10.0.0.7:7400").unwrap(); // an address nobody has
+        grpc.prime("10.0.0.7:7400"); // an address nobody has
         node.forget_dead();
         let peers = node.peers.locked();
         assert!(peers.contains_key("here") && !peers.contains_key("gone"));
         drop(peers);
-        let channels: Vec<String> = node.channels.locked().keys().cloned().collect();
-        assert_eq!(channels, ["10.0.0.8:7400"]);
+        assert_eq!(node.transport.known(), ["10.0.0.8:7400"]);
 
         let holdings =
             |labels: std::collections::HashMap<String, String>, dirs: Vec<&str>| pb::Holdings {

@@ -14,16 +14,15 @@ use bytes::Bytes;
 use chunk_store::manifest::{ChunkEntry, NodeSource};
 use chunk_store::{Error as StoreError, Hash};
 use sync_proto::pb;
-use sync_proto::pb::peer_client::PeerClient;
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::fetch::{ChunkPeer, FetchError, FetchResult};
 use crate::locks::LockExt as _;
 use crate::materialize::LocalChunks;
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::transport::{Caller, ChunkStream, PeerHandler, Transport};
 
 /// Most node ids or chunk hashes one request may name.
 pub const MAX_NODES_PER_CALL: usize = 256;
@@ -32,7 +31,7 @@ pub const MAX_CHUNKS_PER_CALL: usize = 1024;
 /// at most 256 KiB with the default chunker.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Largest message either side decodes.
-pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+pub use crate::transport::grpc::MAX_MESSAGE_BYTES;
 /// Most directories one Holdings message may list (held, and pulling).
 pub const MAX_HOLDINGS: usize = 4096;
 /// `GetChunks` streams served at once, in total and per peer address. Each
@@ -170,9 +169,8 @@ pub struct PeerService {
 }
 
 #[tonic::async_trait]
-impl pb::peer_server::Peer for PeerService {
-    async fn exchange(&self, req: Request<pb::Holdings>) -> Result<Response<pb::Holdings>, Status> {
-        let h = req.into_inner();
+impl PeerHandler for PeerService {
+    async fn exchange(&self, _caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
         if h.dirs.len() > MAX_HOLDINGS || h.pulling.len() > MAX_HOLDINGS {
             return Err(Status::invalid_argument("too many directories"));
         }
@@ -182,11 +180,11 @@ impl pb::peer_server::Peer for PeerService {
             .with_label_values(&["exchange", "received"])
             .inc();
         self.node.learn(h)?;
-        Ok(Response::new(self.node.holdings()))
+        Ok(self.node.holdings())
     }
 
-    async fn swim(&self, req: Request<pb::SwimPacket>) -> Result<Response<pb::SwimAck>, Status> {
-        let data = req.into_inner().data;
+    async fn swim(&self, _caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
+        let data = p.data;
         self.node
             .metrics
             .gossip_messages
@@ -195,15 +193,16 @@ impl pb::peer_server::Peer for PeerService {
         if let Some(swim) = self.node.swim.get() {
             swim.packet(data).map_err(Status::invalid_argument)?;
         }
-        Ok(Response::new(pb::SwimAck {}))
+        Ok(())
     }
 
     async fn get_nodes(
         &self,
-        req: Request<pb::GetNodesRequest>,
-    ) -> Result<Response<pb::GetNodesResponse>, Status> {
-        let peer_ip = req.remote_addr().map(|a| a.ip());
-        let ids = req.into_inner().ids;
+        caller: Caller,
+        req: pb::GetNodesRequest,
+    ) -> Result<pb::GetNodesResponse, Status> {
+        let peer_ip = caller.ip;
+        let ids = req.ids;
         if ids.len() > MAX_NODES_PER_CALL {
             return Err(Status::invalid_argument(format!(
                 "more than {MAX_NODES_PER_CALL} node ids"
@@ -233,17 +232,15 @@ impl pb::peer_server::Peer for PeerService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(status_of)?;
-        Ok(Response::new(pb::GetNodesResponse { nodes }))
+        Ok(pb::GetNodesResponse { nodes })
     }
-
-    type GetChunksStream = ServedChunks;
 
     async fn get_chunks(
         &self,
-        req: Request<pb::GetChunksRequest>,
-    ) -> Result<Response<Self::GetChunksStream>, Status> {
-        let peer_ip = req.remote_addr().map(|a| a.ip());
-        let r = req.into_inner();
+        caller: Caller,
+        r: pb::GetChunksRequest,
+    ) -> Result<ChunkStream, Status> {
+        let peer_ip = caller.ip;
         if !(r.requester.is_empty() || crate::node::is_id(&r.requester))
             || !crate::node::is_id(&r.dir)
         {
@@ -305,7 +302,7 @@ impl pb::peer_server::Peer for PeerService {
             }
             node.record_sent(&requester, &dir, sent, chunks);
         });
-        Ok(Response::new(ServedChunks {
+        Ok(Box::pin(ServedChunks {
             inner: tokio_stream::wrappers::ReceiverStream::new(rx),
             _permits: permits,
         }))
@@ -361,24 +358,29 @@ fn read_batch(node: &Node, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usi
     (batch, i, size as u64, count)
 }
 
-/// A connected peer, usable from blocking code (the diff and the
+/// A peer by address, usable from blocking code (the diff and the
 /// materializer are synchronous and run on blocking threads).
 #[derive(Debug, Clone)]
 pub struct RemotePeer {
     pub id: String,
-    client: PeerClient<Channel>,
+    address: String,
+    transport: Arc<dyn Transport>,
     rt: Handle,
     metrics: Metrics,
 }
 
 impl RemotePeer {
-    pub fn new(id: String, channel: Channel, rt: Handle, metrics: Metrics) -> RemotePeer {
-        let client = PeerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    pub fn new(
+        id: String,
+        address: String,
+        transport: Arc<dyn Transport>,
+        rt: Handle,
+        metrics: Metrics,
+    ) -> RemotePeer {
         RemotePeer {
             id,
-            client,
+            address,
+            transport,
             rt,
             metrics,
         }
@@ -387,20 +389,22 @@ impl RemotePeer {
     /// Fetches chunks by hash; returns those the peer had, verified
     /// (on the runtime's threads, off the materializer's).
     pub async fn fetch_chunks(
-        mut client: PeerClient<Channel>,
+        transport: Arc<dyn Transport>,
+        address: String,
         peer: String,
         req: pb::GetChunksRequest,
         chunks: Vec<ChunkEntry>,
         metrics: Metrics,
     ) -> Result<HashMap<Hash, Bytes>, Status> {
+        use tokio_stream::StreamExt as _;
         // Expected lengths from the recipe: a chunk of another length is
         // corrupt, whatever it hashes to, and is dropped before it is kept
         // (memory was planned for the recipe's lengths).
         let asked: HashMap<Hash, u32> = chunks.into_iter().map(|c| (c.hash, c.len)).collect();
-        let mut stream = client.get_chunks(req).await?.into_inner();
+        let mut stream = transport.get_chunks(&address, req).await?;
         let mut out = HashMap::new();
-        while let Some(batch) = stream.message().await? {
-            for c in batch.chunks {
+        while let Some(batch) = stream.next().await {
+            for c in batch?.chunks {
                 if c.data.is_empty() {
                     continue;
                 }
@@ -451,7 +455,11 @@ impl ChunkPeer for PeerChunks {
     }
 
     fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
-        let (client, id) = (self.peer.client.clone(), self.peer.id.clone());
+        let (transport, address, id) = (
+            self.peer.transport.clone(),
+            self.peer.address.clone(),
+            self.peer.id.clone(),
+        );
         let req = pb::GetChunksRequest {
             dir: self.dir.clone(),
             hashes: chunks.iter().map(|c| c.hash.as_bytes().to_vec()).collect(),
@@ -465,7 +473,7 @@ impl ChunkPeer for PeerChunks {
             .with_label_values(&["get_chunks"]);
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let r = RemotePeer::fetch_chunks(client, id, req, chunks, metrics)
+            let r = RemotePeer::fetch_chunks(transport, address, id, req, chunks, metrics)
                 .await
                 .map_err(|s| {
                     let text = format!("{}: {}", s.code(), s.message());
@@ -483,19 +491,19 @@ impl ChunkPeer for PeerChunks {
 
 impl NodeSource for RemotePeer {
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut client = self.client.clone();
         let req = pb::GetNodesRequest {
             ids: vec![hash.as_bytes().to_vec()],
         };
         let started = std::time::Instant::now();
-        let resp = self.rt.block_on(async move { client.get_nodes(req).await });
+        let resp = self
+            .rt
+            .block_on(self.transport.get_nodes(&self.address, req));
         self.metrics
             .rpc_duration
             .with_label_values(&["get_nodes"])
             .observe(started.elapsed().as_secs_f64());
         match resp {
             Ok(r) => Ok(r
-                .into_inner()
                 .nodes
                 .into_iter()
                 .find(|n| n.id == hash.as_bytes())

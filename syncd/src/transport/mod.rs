@@ -1,0 +1,78 @@
+//! The peer protocol as a seam: what a node asks of its peers
+//! ([`Transport`]) and what it answers ([`PeerHandler`]), independent of
+//! how the bytes travel.
+//!
+//! Two implementations: [`grpc`] (tonic over TCP, the real thing) and
+//! [`mem`] (an in-process network whose links can be cut, delayed and
+//! counted), so whole fleets can be run in one process under a chosen
+//! interleaving. One test suite (`tests.rs`) runs against both, so what the
+//! simulation shows holds for the daemon.
+//!
+//! ```text
+//!  node ── Transport::exchange/get_nodes/get_chunks/swim ──> (grpc | mem)
+//!                                                              │
+//!  peer <── PeerHandler::exchange/get_nodes/get_chunks/swim <──┘
+//! ```
+//!
+//! Errors are `tonic::Status` on both sides: the codes are the protocol's
+//! (PROTOCOL.md), and the in-memory network produces the same ones (an
+//! unreachable address or a cut link is `UNAVAILABLE`).
+
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use sync_proto::pb;
+use tokio_stream::Stream;
+use tonic::Status;
+
+pub mod grpc;
+pub mod mem;
+
+/// The batches of one `GetChunks` answer.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChunkBatch, Status>> + Send>>;
+
+/// Who is calling, as far as the transport knows: the caller's address
+/// (per-address admission limits key on it). Node ids are claims inside
+/// the messages, checked by the handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub ip: Option<IpAddr>,
+}
+
+/// What this node answers to peers.
+#[tonic::async_trait]
+pub trait PeerHandler: Send + Sync + 'static {
+    async fn exchange(&self, caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status>;
+    async fn get_nodes(
+        &self,
+        caller: Caller,
+        r: pb::GetNodesRequest,
+    ) -> Result<pb::GetNodesResponse, Status>;
+    async fn get_chunks(
+        &self,
+        caller: Caller,
+        r: pb::GetChunksRequest,
+    ) -> Result<ChunkStream, Status>;
+    async fn swim(&self, caller: Caller, p: pb::SwimPacket) -> Result<(), Status>;
+}
+
+/// What this node asks of the peer at `to` (`host:port`).
+#[tonic::async_trait]
+pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
+    async fn exchange(&self, to: &str, h: pb::Holdings) -> Result<pb::Holdings, Status>;
+    async fn get_nodes(
+        &self,
+        to: &str,
+        r: pb::GetNodesRequest,
+    ) -> Result<pb::GetNodesResponse, Status>;
+    async fn get_chunks(&self, to: &str, r: pb::GetChunksRequest) -> Result<ChunkStream, Status>;
+    async fn swim(&self, to: &str, p: pb::SwimPacket) -> Result<(), Status>;
+    /// Drops what is kept for addresses `keep` rejects (cached
+    /// connections), so departed peers do not accumulate.
+    fn retain(&self, keep: &dyn Fn(&str) -> bool);
+    /// Addresses something is kept for.
+    fn known(&self) -> Vec<String>;
+}
+
+#[cfg(test)]
+mod tests;
