@@ -191,6 +191,11 @@ pub struct ScanOptions {
     /// default: a replica would otherwise create setuid programs because a
     /// peer said so.
     pub keep_setid: bool,
+    /// Leave node garbage collection to the caller, who must then make
+    /// sure no sweep runs while a scan is between writing nodes and
+    /// referencing them (the daemon's collector takes the store gate
+    /// alone). By default a scan that changed the root sweeps itself.
+    pub defer_gc: bool,
 }
 
 /// A file the caller wrote and whose content it knows chunk by chunk.
@@ -664,7 +669,7 @@ pub fn scan_with(
         // The root is what peers will be told about: make it durable.
         store.commit(batch, true)?;
     }
-    if report.changed {
+    if report.changed && !opts.defer_gc {
         store.collect_garbage(false)?;
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -146,6 +146,9 @@ pub struct DirState {
     /// The last attempt at this directory's work panicked (a bug): the
     /// watchdog stops being fed when every directory is in this state.
     pub panicked: AtomicBool,
+    /// Held by this directory's scans and pulls: its own work never
+    /// overlaps, other directories' work runs beside it.
+    pub work: Mutex<()>,
 }
 
 /// A directory's bounds on what it accepts and publishes (dirs.d).
@@ -260,6 +263,7 @@ impl DirState {
             },
             retry: Mutex::new(Retry::default()),
             panicked: AtomicBool::new(false),
+            work: Mutex::new(()),
         })
     }
 
@@ -394,15 +398,22 @@ pub struct Node {
     pub(crate) peers: Mutex<HashMap<String, PeerState>>,
     /// How peers are reached (gRPC in the daemon, in memory in tests).
     pub transport: Arc<dyn Transport>,
-    /// Scans, syncs and garbage collection never overlap: a sweep must not
-    /// see nodes another scan wrote but has not yet referenced.
-    pub index_lock: Mutex<()>,
+    /// Writers of the index (scans) share it; the garbage collector takes
+    /// it alone, so a sweep never sees nodes a scan wrote but has not yet
+    /// referenced. Held only around scans, never across network I/O, so
+    /// directories scan and pull concurrently and a long pull does not hold
+    /// up collection. (One directory's own work is serialized by its
+    /// `DirState::work`.)
+    pub store_gate: std::sync::RwLock<()>,
+    /// A scan changed a root: the collector should look.
+    gc_wanted: Notify,
     /// Something changed locally: push holdings now.
     pub(crate) published: Notify,
     /// A peer announced something: replica loops look now.
     learned: Notify,
-    /// Chunks of files being received (served to peers before indexing).
-    pub in_flight: InFlight,
+    /// Chunks of files being received, per transfer (directory id): served
+    /// to peers before the index knows them.
+    pub in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
     /// Membership and failure detection, started once the node exists.
     pub swim: std::sync::OnceLock<Swim>,
     pub metrics: Metrics,
@@ -474,10 +485,11 @@ impl Node {
             bootstrap,
             peers: Mutex::new(HashMap::new()),
             transport,
-            index_lock: Mutex::new(()),
+            store_gate: std::sync::RwLock::new(()),
+            gc_wanted: Notify::new(),
             published: Notify::new(),
             learned: Notify::new(),
-            in_flight: InFlight::default(),
+            in_flight: Mutex::new(HashMap::new()),
             swim: std::sync::OnceLock::new(),
             metrics: Metrics::new().context("registering metrics")?,
             started: std::time::Instant::now(),
@@ -542,6 +554,40 @@ impl Node {
     }
 
     /// What this node tells peers.
+    /// One scan of a directory under the shared store gate; garbage
+    /// collection is left to the collector (see [`gc_loop`]).
+    pub(crate) fn scan(
+        &self,
+        dir: &str,
+        path: &std::path::Path,
+        opts: indexer::ScanOptions,
+    ) -> Result<indexer::ScanReport, chunk_store::Error> {
+        let report = {
+            let _gate = self.store_gate.read_locked();
+            indexer::scan_with(
+                &self.store,
+                dir,
+                path,
+                indexer::ScanOptions {
+                    defer_gc: true,
+                    ..opts
+                },
+            )?
+        };
+        if report.changed {
+            self.gc_wanted.notify_one();
+        }
+        Ok(report)
+    }
+
+    /// A chunk written by one of this node's transfers, if any has it.
+    pub(crate) fn in_flight_chunk(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let transfers: Vec<Arc<InFlight>> = self.in_flight.locked().values().cloned().collect();
+        transfers
+            .iter()
+            .find_map(|t| t.read_hash(hash).ok().flatten())
+    }
+
     pub fn holdings(&self) -> pb::Holdings {
         let dirs = self.dir_list();
         pb::Holdings {
@@ -802,13 +848,13 @@ fn check_member(m: &pb::Member) -> Result<(), Status> {
 /// Sources publish a new version when the root changes; replicas only
 /// report local edits.
 pub(crate) fn rescan(node: &Node, dir: &DirState) -> anyhow::Result<bool> {
-    let _guard = node.index_lock.locked();
+    let _work = dir.work.locked();
     dir.set_phase(Phase::Scanning);
     let opts = indexer::ScanOptions {
         refuse_emptying: dir.mode == Mode::Source,
         ..dir.scan_options()
     };
-    let report = match indexer::scan_with(&node.store, &dir.id, &dir.path, opts) {
+    let report = match node.scan(&dir.id, &dir.path, opts) {
         Ok(r) => r,
         Err(e) => {
             let e = anyhow::Error::new(e).context(format!(
@@ -882,7 +928,7 @@ fn pull(
     holders: &[Holder],
     rt: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
-    let _guard = node.index_lock.locked();
+    let _work = dir.work.locked();
     dir.set_phase(Phase::Syncing);
     let started = std::time::Instant::now();
     let mut involved = Vec::new();
@@ -896,7 +942,7 @@ fn pull(
                 a.store(0, Ordering::Relaxed);
             }
             *self.1.pulling.locked() = None;
-            self.0.in_flight.clear();
+            self.0.in_flight.locked().remove(&self.1.id);
         }
     }
     let cleanup = Cleanup(node, dir);
@@ -1003,7 +1049,8 @@ fn pull_locked(
         version.entries,
         dir.limits.max_entries
     );
-    let local = indexer::scan_with(&node.store, &dir.id, &dir.path, dir.scan_options())
+    let local = node
+        .scan(&dir.id, &dir.path, dir.scan_options())
         .with_context(|| format!("scanning directory {:?} at {}", dir.id, dir.path.display()))?;
     let peers: Vec<RemotePeer> = holders
         .iter()
@@ -1079,6 +1126,12 @@ fn pull_locked(
     p.received_at_start
         .store(p.received.load(Ordering::Relaxed), Ordering::Relaxed);
     *dir.pulling.locked() = Some(version.clone());
+    // This transfer's written chunks, served to peers until the index
+    // takes over (removed by the pull's cleanup).
+    let in_flight = Arc::new(InFlight::default());
+    node.in_flight
+        .locked()
+        .insert(dir.id.clone(), in_flight.clone());
     node.published.notify_one();
     let local_chunks = LocalChunks::new(store, node.roots());
     let sources: Vec<Arc<dyn ChunkPeer>> = peers
@@ -1102,8 +1155,8 @@ fn pull_locked(
         &dir.path,
         &diff,
         &remote,
-        &[&local_chunks, &node.in_flight, &fetcher],
-        &node.in_flight,
+        &[&local_chunks, &*in_flight, &fetcher],
+        &in_flight,
         &p.files_done,
         materialize::ApplyOptions {
             min_chunk,
@@ -1161,7 +1214,7 @@ fn pull_locked(
         known: std::mem::take(&mut report.known),
         ..dir.scan_options()
     };
-    let after = indexer::scan_with(store, &dir.id, &dir.path, opts)?;
+    let after = node.scan(&dir.id, &dir.path, opts)?;
     anyhow::ensure!(
         after.root == remote_root,
         "after applying version {} of {:?} the root is {}, expected {}",
@@ -1300,6 +1353,10 @@ pub async fn run(
         let (node, notify) = (node.clone(), notify.clone());
         tasks.spawn(async move { stats_loop(node, notify).await });
     }
+    {
+        let node = node.clone();
+        tasks.spawn(async move { gc_loop(node).await });
+    }
     let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     for d in pending {
         running.insert(d.id.clone(), start_dir(&node, d, &mut tasks));
@@ -1393,6 +1450,32 @@ async fn stats_loop(node: Arc<Node>, notify: crate::sdnotify::Notifier) {
             let delta = now.saturating_sub(rate.0) as f64;
             rate.1 = 0.5 * rate.1 + 0.5 * delta;
             rate.0 = now;
+        }
+    }
+}
+
+/// Node garbage collection as a background worker: after scans that
+/// changed a root (and every 10 minutes), it takes the store gate alone
+/// for one sweep, which `Store::collect_garbage` amortises over 64 MiB of
+/// node churn. Scans wait for the sweep, never the other way round across
+/// a transfer: pulls hold the gate only while scanning.
+async fn gc_loop(node: Arc<Node>) {
+    loop {
+        tokio::select! {
+            _ = node.gc_wanted.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+        let n = node.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let _gate = n.store_gate.write_locked();
+            n.store.collect_garbage(false)
+        })
+        .await;
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(deleted)) => tracing::debug!(deleted, "garbage collection swept manifest nodes"),
+            Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed; retrying later"),
+            Err(e) => tracing::error!(error = %e, "garbage collection panicked; retrying later"),
         }
     }
 }
@@ -1756,14 +1839,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (node, dir, _) = node_with_dir(tmp.path());
         let n = node.clone();
+        let d = dir.clone();
         let e = tokio::task::spawn_blocking(move || {
-            let _g = n.index_lock.locked();
+            let _g = d.work.locked();
+            let _gate = n.store_gate.read_locked();
             let s = "é".repeat(40);
             let _ = &s[..65]; // the kind of bug that used to poison the node
         })
         .await
         .unwrap_err();
-        assert!(node.index_lock.is_poisoned());
+        assert!(dir.work.is_poisoned());
         let now = tokio::time::Instant::now();
         panicked(&node, &dir, "sync", e, now);
         assert_eq!(dir.state_name(), "error");
@@ -1901,5 +1986,130 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(held, ["www"]);
+    }
+
+    /// A peer whose manifest nodes take seconds to come.
+    struct SlowPeer;
+
+    #[tonic::async_trait]
+    impl crate::transport::PeerHandler for SlowPeer {
+        async fn exchange(
+            &self,
+            _: crate::transport::Caller,
+            _: pb::Holdings,
+        ) -> Result<pb::Holdings, Status> {
+            Err(Status::unimplemented("slow peer"))
+        }
+        async fn get_nodes(
+            &self,
+            _: crate::transport::Caller,
+            _: pb::GetNodesRequest,
+        ) -> Result<pb::GetNodesResponse, Status> {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok(pb::GetNodesResponse::default())
+        }
+        async fn get_chunks(
+            &self,
+            _: crate::transport::Caller,
+            _: pb::GetChunksRequest,
+        ) -> Result<crate::transport::ChunkStream, Status> {
+            Err(Status::unimplemented("slow peer"))
+        }
+        async fn swim(&self, _: crate::transport::Caller, _: pb::SwimPacket) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    /// Issue 9: no lock is held across network I/O. While one directory's
+    /// pull waits on a slow peer, another directory scans and garbage
+    /// collection sweeps (the node-wide index lock used to block both).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_pull_holds_up_neither_other_directories_nor_collection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = crate::transport::mem::MemNet::new();
+        net.listen("10.0.0.9:7400", Arc::new(SlowPeer));
+        let store =
+            Arc::new(Store::open(&tmp.path().join("index"), ChunkerConfig::default()).unwrap());
+        let node = Arc::new(
+            Node::new(
+                "n1".into(),
+                "10.0.0.1:7400".into(),
+                BTreeMap::new(),
+                store,
+                vec![],
+                Arc::new(net.transport("10.0.0.1:7400")),
+            )
+            .unwrap(),
+        );
+        let mut dirs = Vec::new();
+        for id in ["a", "b"] {
+            let data = tmp.path().join(id);
+            std::fs::create_dir(&data).unwrap();
+            std::fs::write(data.join("f"), id).unwrap();
+            let file: crate::config::DirFile = toml::from_str(&format!(
+                "id = \"{id}\"\npath = \"{}\"\nmode = \"replica\"\n",
+                data.display()
+            ))
+            .unwrap();
+            let dir = Arc::new(DirState::from_config(id, &file).unwrap());
+            node.dirs.write_locked().insert(id.into(), dir.clone());
+            dirs.push(dir);
+        }
+        let (a, b) = (dirs[0].clone(), dirs[1].clone());
+        let version = pb::DirVersion {
+            dir: "a".into(),
+            version: 1,
+            root: vec![7; 32],
+            publisher: "slow".into(),
+            entries: 1,
+            bytes: 1,
+        };
+        let holders = vec![Holder {
+            id: "slow".into(),
+            address: "10.0.0.9:7400".into(),
+            class: PeerClass::Elsewhere,
+            partial: false,
+        }];
+        let rt = tokio::runtime::Handle::current();
+        let (n, d) = (node.clone(), a.clone());
+        let pulling = tokio::task::spawn_blocking(move || pull(&n, &d, &version, &holders, &rt));
+        // The pull has started (its first manifest node takes 3 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while a.status.locked().phase != Phase::Syncing {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pull did not start"
+            );
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let (n, d) = (node.clone(), b.clone());
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::task::spawn_blocking(move || rescan(&n, &d)),
+        )
+        .await
+        .expect("the other directory's scan waited for the slow pull")
+        .unwrap()
+        .unwrap();
+        let n = node.clone();
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::task::spawn_blocking(move || {
+                let _gate = n.store_gate.write_locked();
+                n.store.collect_garbage(true)
+            }),
+        )
+        .await
+        .expect("garbage collection waited for the slow pull")
+        .unwrap()
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // The pull ends on its own (the peer had no node), with the peer
+        // named, and gives back what it registered.
+        let err = pulling.await.unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("slow"), "{err:#}");
+        assert!(a.pulling.locked().is_none());
+        assert!(node.in_flight.locked().is_empty());
     }
 }

@@ -341,12 +341,7 @@ fn read_batch(node: &Node, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usi
         // Indexed files first, then files still being received.
         let data = match local.read_hash(h) {
             Ok(Some(d)) => d,
-            _ => node
-                .in_flight
-                .read_hash(h)
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
+            _ => node.in_flight_chunk(h).unwrap_or_default(),
         };
         size += data.len();
         count += u64::from(!data.is_empty());
