@@ -86,6 +86,11 @@ pub enum Error {
         path: String,
     },
 
+    /// The caller asked the work to stop (shutdown, or the directory was
+    /// removed); what was committed stays, the next scan finishes the job.
+    #[error("stopped before finishing (shutting down or directory removed)")]
+    Stopped,
+
     #[error("manifest node {hash} not found in {origin}")]
     MissingNode { hash: Hash, origin: Origin },
 

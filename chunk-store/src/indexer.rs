@@ -196,6 +196,9 @@ pub struct ScanOptions {
     /// referencing them (the daemon's collector takes the store gate
     /// alone). By default a scan that changed the root sweeps itself.
     pub defer_gc: bool,
+    /// Set by the caller to stop the scan at the next group of files
+    /// ([`Error::Stopped`]): committed records stay, no root is published.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A file the caller wrote and whose content it knows chunk by chunk.
@@ -474,7 +477,15 @@ pub fn scan_with(
     let mut results: Vec<Option<FileRecord>> = vec![None; pending.len()];
     let cfg = store.chunker();
     let mut start = 0;
+    let stopped = || {
+        opts.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     while start < pending.len() {
+        if stopped() {
+            return Err(Error::Stopped);
+        }
         let mut end = start;
         let mut group_bytes = 0u64;
         while end < pending.len() && end - start < GROUP_FILES && group_bytes < GROUP_BYTES {

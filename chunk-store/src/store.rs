@@ -270,6 +270,20 @@ impl Store {
             .expect("column family created at open")
     }
 
+    /// Writes memtables and the WAL to disk (at shutdown: the next start
+    /// then replays nothing).
+    pub fn flush(&self) -> Result<(), Error> {
+        self.db
+            .flush_wal(true)
+            .map_err(|e| Error::db("flush the WAL", e))?;
+        for cf in [CF_FILES, CF_CHUNKS, CF_NODES, CF_META] {
+            self.db
+                .flush_cf(self.cf(cf))
+                .map_err(|e| Error::db(format!("flush {cf}"), e))?;
+        }
+        Ok(())
+    }
+
     fn write(&self, wb: WriteBatch, sync: bool) -> Result<(), Error> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);

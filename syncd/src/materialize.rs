@@ -42,7 +42,7 @@ use chunk_store::store::Store;
 const TMP_PREFIX: &str = manifest::RESERVED_PREFIX;
 
 /// How [`apply`] treats what a peer describes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ApplyOptions {
     /// The chunker's minimum chunk length: every chunk of a recipe but the
     /// last is at least this long (bounds a recipe's length by its size).
@@ -50,6 +50,9 @@ pub struct ApplyOptions {
     /// Apply set-user-id / set-group-id bits (otherwise they are stripped,
     /// whatever the version says).
     pub allow_setid: bool,
+    /// Set to stop at the next file boundary ([`MaterializeError::Stopped`]):
+    /// every file is then the old one or the new one, never half written.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for ApplyOptions {
@@ -57,6 +60,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             min_chunk: chunk_store::ChunkerConfig::default().min(),
             allow_setid: false,
+            stop: None,
         }
     }
 }
@@ -71,6 +75,8 @@ pub enum MaterializeError {
     ThroughSymlink { path: String, source: io::Error },
     #[error("chunk {hash} of {path:?} is not available from any source")]
     ChunkUnavailable { hash: Hash, path: String },
+    #[error("stopped at a file boundary (shutting down or directory removed)")]
+    Stopped,
     #[error(transparent)]
     Store(#[from] chunk_store::Error),
 }
@@ -314,7 +320,15 @@ pub fn apply(
 
     // Directories, then files and symlinks (changes are sorted by path, so
     // parents come before children).
+    let stopped = || {
+        opts.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     for c in &diff.changes {
+        if stopped() {
+            return Err(MaterializeError::Stopped);
+        }
         if c.kind == ChangeKind::Removed {
             continue;
         }
@@ -375,6 +389,7 @@ pub fn apply(
                     sources,
                     in_flight,
                     &mut report,
+                    &stopped,
                 )?;
                 report.files_written += 1;
                 report.bytes_written += written;
@@ -552,6 +567,7 @@ fn write_file(
     sources: &[&dyn ChunkSource],
     in_flight: &InFlight,
     report: &mut Report,
+    stopped: &dyn Fn() -> bool,
 ) -> Result<u64> {
     let tmp = temp_name(name);
     let file = parent
@@ -587,6 +603,11 @@ fn write_file(
         let mut offset = 0;
         let mut known: Option<Vec<ChunkEntry>> = Some(Vec::new());
         for c in chunks {
+            // A stop abandons the file (its temp is removed): the old
+            // version stays in place, whole.
+            if stopped() {
+                return Err(MaterializeError::Stopped);
+            }
             let c = c?;
             let bytes = fetch_verified(&c, path, sources, report)?;
             (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;

@@ -96,6 +96,8 @@ enum Input {
     Packet(Bytes),
     Timer(Timer<Ident>),
     Announce(String),
+    /// Leave the fleet: tell members, then stop (answers when sent).
+    Leave(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Handle to the SWIM task.
@@ -110,6 +112,7 @@ impl std::fmt::Debug for Input {
             Input::Packet(_) => "Packet",
             Input::Timer(_) => "Timer",
             Input::Announce(_) => "Announce",
+            Input::Leave(_) => "Leave",
         })
     }
 }
@@ -161,6 +164,16 @@ impl Swim {
         Ok(())
     }
 
+    /// Leaves the fleet: members learn at once that this node is going
+    /// (instead of suspecting it for seconds), then the SWIM task ends.
+    /// Resolves once the goodbye packets were sent (or failed).
+    pub async fn leave(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Input::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Announces this node to `address` (a peer heard of some other way).
     pub fn announce(&self, address: &str) {
         let _ = self.tx.try_send(Input::Announce(address.to_string()));
@@ -209,6 +222,22 @@ async fn run(
             }
         };
         let result = match input {
+            Input::Leave(done) => {
+                if let Err(e) = foca.leave_cluster(&mut rt) {
+                    tracing::debug!(error = %e, "leaving the fleet");
+                }
+                let mut sends = tokio::task::JoinSet::new();
+                while let Some((to, data)) = rt.to_send() {
+                    let transport = transport.clone();
+                    sends.spawn(async move {
+                        let call = transport.swim(&to.address, pb::SwimPacket { data });
+                        let _ = tokio::time::timeout(SEND_TIMEOUT, call).await;
+                    });
+                }
+                while sends.join_next().await.is_some() {}
+                let _ = done.send(());
+                return;
+            }
             Input::Packet(data) => foca.handle_data(&data, &mut rt),
             Input::Timer(t) => foca.handle_timer(t, &mut rt),
             Input::Announce(address) => foca.announce(

@@ -50,6 +50,10 @@ const REPLICA_TICK: Duration = Duration::from_secs(1);
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Most peers one transfer fetches from at once.
 const MAX_SOURCES: usize = 4;
+/// How long a directory removed on SIGHUP may take to stop.
+const DIR_STOP: Duration = Duration::from_secs(20);
+/// The whole shutdown stays under the unit's TimeoutStopSec (30 s).
+const SHUTDOWN: Duration = Duration::from_secs(25);
 /// Remote manifest nodes kept during one pull (diff and apply), so pages a
 /// tree references many times are fetched once.
 const NODE_CACHE_BYTES: usize = 64 << 20;
@@ -149,10 +153,15 @@ pub struct DirState {
     /// Held by this directory's scans and pulls: its own work never
     /// overlaps, other directories' work runs beside it.
     pub work: Mutex<()>,
+    /// Set when the directory stops (shutdown, or removed on SIGHUP):
+    /// scans stop at the next group of files, pulls at the next file
+    /// boundary; `stop` ends its loop and hook runner.
+    pub stopping: Arc<AtomicBool>,
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// A directory's bounds on what it accepts and publishes (dirs.d).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirLimits {
     pub max_file_size: u64,
     pub max_entries: u64,
@@ -264,6 +273,8 @@ impl DirState {
             retry: Mutex::new(Retry::default()),
             panicked: AtomicBool::new(false),
             work: Mutex::new(()),
+            stopping: Arc::new(AtomicBool::new(false)),
+            stop: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -301,8 +312,16 @@ impl DirState {
             ignore: self.ignore.clone(),
             max_file_size: Some(self.limits.max_file_size),
             keep_setid: self.limits.allow_setid,
+            stop: Some(self.stopping.clone()),
             ..Default::default()
         }
+    }
+
+    /// Asks the directory's work to stop: its blocking work at the next
+    /// file boundary, its loop and hooks at once.
+    pub fn stop_now(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.stop.cancel();
     }
 }
 
@@ -1161,6 +1180,7 @@ fn pull_locked(
         materialize::ApplyOptions {
             min_chunk,
             allow_setid: dir.limits.allow_setid,
+            stop: Some(dir.stopping.clone()),
         },
     );
     involved.extend(fetcher.failed_peers());
@@ -1325,17 +1345,22 @@ pub async fn run(
     );
     node.swim.set(swim).expect("set once");
     tracing::info!(node = %node.id, listen = %config.listen, dirs = pending.len(), "syncd running");
-    let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(crate::transport::grpc::STREAM_WINDOW)
-        .initial_connection_window_size(crate::transport::grpc::CONNECTION_WINDOW)
-        .add_service(GrpcServer::service(Arc::new(PeerService {
-            node: node.clone(),
-        })))
-        .serve_with_incoming(
-            // Nagle's algorithm against delayed ACKs cost ~40 ms per small
-            // response (a manifest node) before this.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        );
+    let server_stop = tokio_util::sync::CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(crate::transport::grpc::STREAM_WINDOW)
+            .initial_connection_window_size(crate::transport::grpc::CONNECTION_WINDOW)
+            .add_service(GrpcServer::service(Arc::new(PeerService {
+                node: node.clone(),
+            })))
+            .serve_with_incoming_shutdown(
+                // Nagle's algorithm against delayed ACKs cost ~40 ms per small
+                // response (a manifest node) before this.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move { stop.cancelled().await },
+            )
+    };
 
     {
         let node = node.clone();
@@ -1357,9 +1382,9 @@ pub async fn run(
         let node = node.clone();
         tasks.spawn(async move { gc_loop(node).await });
     }
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut running: HashMap<String, Running> = HashMap::new();
     for d in pending {
-        running.insert(d.id.clone(), start_dir(&node, d, &mut tasks));
+        running.insert(d.id.clone(), start_dir(&node, d));
     }
     notify.ready(&status_line(&node));
     if let Some(interval) = notify.watchdog_interval() {
@@ -1368,29 +1393,83 @@ pub async fn run(
     }
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tokio::pin!(server);
+    let server = tokio::spawn(server);
     tokio::pin!(shutdown);
-    loop {
+    let mut server = server;
+    let failed = loop {
         tokio::select! {
             r = &mut server => {
-                r.context("peer service failed")?;
-                break;
+                break Some(match r {
+                    Ok(Ok(())) => anyhow::anyhow!("peer service stopped"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("peer service failed"),
+                    Err(e) => anyhow::Error::new(e).context("peer service panicked"),
+                });
             }
             _ = &mut shutdown => {
                 tracing::info!("shutting down");
                 notify.stopping();
-                break;
+                break None;
             }
             _ = hangup.recv() => {
                 notify.reloading();
-                reload(&node, &config, &mut running, &mut tasks).await;
+                reload(&node, &config, &mut running).await;
                 notify.ready(&status_line(&node));
             }
         }
+    };
+    teardown(&node, running, tasks, server_stop, server).await;
+    let _ = std::fs::remove_file(&config.node.admin.socket);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Ordered shutdown, within [`SHUTDOWN`] (under the unit's 30 s
+/// TimeoutStopSec): directories stop at a file boundary (their watchers
+/// drop with their loops), the node leaves SWIM so peers stop choosing it
+/// at once, background loops end, the peer server drains its calls, and
+/// the index is flushed.
+async fn teardown(
+    node: &Arc<Node>,
+    running: HashMap<String, Running>,
+    mut tasks: tokio::task::JoinSet<()>,
+    server_stop: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + SHUTDOWN;
+    // Stop every directory first (all at once), then wait for each.
+    for r in running.values() {
+        r.dir.stop_now();
+    }
+    let dirs = running.len();
+    for (_, r) in running {
+        r.stop(deadline - Duration::from_secs(5)).await;
+    }
+    tracing::info!(dirs, took = ?started.elapsed(), "directories stopped");
+    if let Some(swim) = node.swim.get() {
+        let left = tokio::time::timeout(Duration::from_secs(2), swim.leave()).await;
+        tracing::info!(announced = left.is_ok(), "left the fleet");
     }
     tasks.abort_all();
-    let _ = std::fs::remove_file(&config.node.admin.socket);
-    Ok(())
+    while tasks.join_next().await.is_some() {}
+    server_stop.cancel();
+    let mut server = server;
+    if tokio::time::timeout_at(deadline - Duration::from_secs(1), &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("peer calls still running at shutdown; closing them");
+        server.abort();
+    }
+    let store = node.store.clone();
+    match tokio::task::spawn_blocking(move || store.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "flushing the index at shutdown"),
+        Err(e) => tracing::error!(error = %e, "flushing the index at shutdown panicked"),
+    }
+    tracing::info!(took = ?started.elapsed(), "stopped");
 }
 
 /// One line for systemd's STATUS=: what the directories are doing.
@@ -1534,33 +1613,51 @@ async fn prepare_dir(
     Ok(dir)
 }
 
-fn start_dir(
-    node: &Arc<Node>,
+/// A running directory: its state and the task of its loop and hooks.
+#[derive(Debug)]
+struct Running {
     dir: Arc<DirState>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> tokio::task::AbortHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the directory and waits (up to `deadline`) for its work to
+    /// end at a file boundary; past the deadline the task is aborted (a
+    /// temp file it leaves is removed the next time that directory is
+    /// written).
+    async fn stop(self, deadline: tokio::time::Instant) {
+        self.dir.stop_now();
+        let id = self.dir.id.clone();
+        let mut task = self.task;
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            tracing::warn!(dir = %id, "directory did not stop in time; abandoning its work");
+            task.abort();
+        }
+    }
+}
+
+fn start_dir(node: &Arc<Node>, dir: Arc<DirState>) -> Running {
     node.dirs.write_locked().insert(dir.id.clone(), dir.clone());
-    let node = node.clone();
+    let (node, d) = (node.clone(), dir.clone());
     let rt = tokio::runtime::Handle::current();
-    tasks.spawn(async move {
-        // Aborting the task drops both: the loop and its hook runner.
-        tokio::join!(
-            dir_loop(node.clone(), dir.clone(), rt),
-            crate::hooks::run_hooks(node, dir)
-        );
-    })
+    let task = tokio::spawn(async move {
+        let stop = d.stop.clone();
+        tokio::join!(dir_loop(node.clone(), d.clone(), rt), async {
+            // A hook running at stop is killed (kill_on_drop).
+            tokio::select! {
+                _ = crate::hooks::run_hooks(node, d) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    });
+    Running { dir, task }
 }
 
 /// SIGHUP: re-reads `dirs.d/` and starts or stops directories. A directory
 /// whose settings changed is stopped and started again. Files of a stopped
 /// directory are left as they are. An invalid configuration is logged and
 /// the running one kept.
-async fn reload(
-    node: &Arc<Node>,
-    running_config: &Config,
-    running: &mut HashMap<String, tokio::task::AbortHandle>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) {
+async fn reload(node: &Arc<Node>, running_config: &Config, running: &mut HashMap<String, Running>) {
     let new = match Config::load(&running_config.file) {
         Ok(c) => c,
         Err(e) => {
@@ -1580,14 +1677,17 @@ async fn reload(
             && a.rescan_interval == b.rescan_interval
             && a.hook == *b.on_synced.get_ref()
             && a.hook_timeout == b.on_synced_timeout
+            && a.limits == DirState::from_config(&a.id, b).map_or(a.limits, |n| n.limits)
             && old_files
                 .get(&a.id)
                 .is_none_or(|(_, f)| f.ignore.get_ref() == b.ignore.get_ref())
     };
     for d in node.dir_list() {
         if !new.dirs.get(&d.id).is_some_and(|(_, f)| same(&d, f)) {
-            if let Some(task) = running.remove(&d.id) {
-                task.abort();
+            // Its work stops (at a file boundary) before the directory is
+            // forgotten: nothing keeps writing into a removed directory.
+            if let Some(r) = running.remove(&d.id) {
+                r.stop(tokio::time::Instant::now() + DIR_STOP).await;
             }
             node.dirs.write_locked().remove(&d.id);
             node.metrics.forget_dir(&d.id);
@@ -1601,7 +1701,7 @@ async fn reload(
         match prepare_dir(node, id, d).await {
             Ok(dir) => {
                 tracing::info!(dir = %id, path = %dir.path.display(), "started syncing directory");
-                running.insert(id.clone(), start_dir(node, dir, tasks));
+                running.insert(id.clone(), start_dir(node, dir));
             }
             Err(e) => {
                 tracing::error!(dir = %id, file = %file.display(), error = format!("{e:#}"), "cannot start directory")
@@ -1676,7 +1776,11 @@ async fn dir_loop(node: Arc<Node>, dir: Arc<DirState>, rt: tokio::runtime::Handl
             _ = node.learned.notified(), if dir.mode != Mode::Source => false,
             _ = tokio::time::sleep(tick) => false,
             _ = sleep_until(retry_at) => false,
+            _ = dir.stop.cancelled() => break,
         };
+        if dir.stop.is_cancelled() {
+            break;
+        }
         if dir.paused.load(Ordering::Relaxed) {
             continue;
         }

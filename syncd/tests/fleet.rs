@@ -184,3 +184,77 @@ fn an_emptied_source_does_not_wipe_the_fleet() {
     fs::write(src.data.join("new.html"), b"new").unwrap();
     converge(&src, &[&r1], "after");
 }
+
+/// Issue 9: SIGTERM stops a node in order, well inside systemd's 30 s: the
+/// transfer stops at a file boundary (no partial file, no temp file), the
+/// node leaves SWIM so its peers see it gone at once (not after the ~8 s of
+/// suspicion a crash takes), the index is flushed, and it exits 0. On
+/// restart it finishes the job.
+#[test]
+fn sigterm_mid_transfer_stops_cleanly_and_leaves_the_fleet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = ("127.0.0.41", "127.0.0.42");
+    let src = Daemon::new(tmp.path(), "src", a, "source", &[b]);
+    let mut r = Daemon::new(tmp.path(), "r", b, "replica", &[a]);
+    fs::write(src.data.join("small.txt"), b"first").unwrap();
+    converge(&src, &[&r], "a first file");
+    let peer_state = |d: &Daemon, peer: &str| {
+        let (code, out, _) = common::ctl(d, &["--json", "peers"]);
+        if code != 0 {
+            return String::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node_id"] == peer)
+            .map(|p| p["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    common::until(30, "the source sees the replica alive", || {
+        (peer_state(&src, "r") == "alive").then_some(())
+    });
+
+    // Many files, so a stop lands between two of them (seeds 2 apart:
+    // pseudo_random ignores the lowest bit).
+    for i in 0..32 {
+        fs::write(
+            src.data.join(format!("f{i:02}.bin")),
+            random(2 << 20, 100 + 2 * i),
+        )
+        .unwrap();
+    }
+    common::until(60, "the replica is receiving", || {
+        let (code, out, _) = common::ctl(&r, &["--json", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| code == 0)?;
+        (v["dirs"][0]["state"] == "syncing").then_some(())
+    });
+    let (status, took) = r.terminate(30);
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+    let log = fs::read_to_string(&r.log).unwrap();
+    for step in ["directories stopped", "left the fleet", "stopped"] {
+        assert!(log.contains(step), "no {step:?} in the log:\n{log}");
+    }
+    // Every file is whole or absent; no temp file is left.
+    let want: std::collections::HashMap<_, _> = snapshot(&src.data).into_iter().collect();
+    for (path, desc) in snapshot(&r.data) {
+        let name = path.to_string_lossy().to_string();
+        assert!(!name.contains(".syncd-tmp."), "temp file left: {name}");
+        assert_eq!(
+            want.get(&path),
+            Some(&desc),
+            "{name} differs from the source's"
+        );
+    }
+    // Its peer saw it leave without waiting out a suspicion.
+    let seen = Instant::now();
+    common::until(5, "the source sees the replica gone", || {
+        (peer_state(&src, "r") == "dead").then_some(())
+    });
+    assert!(seen.elapsed() < Duration::from_secs(5));
+
+    r.start();
+    converge(&src, &[&r], "after the restart");
+}

@@ -225,6 +225,34 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, as systemd stops the unit; waits up to `secs` for the exit
+    /// and returns its status and how long it took.
+    pub fn terminate(&mut self, secs: u64) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.take().expect("running");
+        let started = Instant::now();
+        let ok = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", child.id())])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {}", child.id());
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(secs) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not exit within {secs} s of SIGTERM\n{}",
+                    self.name,
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
