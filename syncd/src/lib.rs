@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: `syncd.toml` and `dirs.d/*.toml`, parsed and validated
 //!   once, errors with file and line (`syncd check-config`).
+//! - [`env`]: time (tokio's, pausable) and randomness (seeded in tests):
+//!   the seam the simulation fixes.
 //! - [`index`]: `syncd index DIR`, one scan of a directory into a local
 //!   index, with a human or JSON report.
 //! - [`locks`]: mutexes a panic cannot poison (a bug in one directory's
@@ -31,6 +33,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod env;
 pub mod fetch;
 pub mod hooks;
 pub mod index;

@@ -148,10 +148,11 @@ impl Swim {
         bootstrap: Vec<String>,
         members: Arc<dyn Members>,
         transport: Arc<dyn Transport>,
+        rng: StdRng,
     ) -> Swim {
         let (tx, rx) = mpsc::channel(QUEUE);
         let swim = Swim { tx: tx.clone() };
-        tokio::spawn(run(me, bootstrap, members, transport, tx, rx));
+        tokio::spawn(run(me, bootstrap, members, transport, rng, tx, rx));
         swim
     }
 
@@ -193,10 +194,10 @@ async fn run(
     bootstrap: Vec<String>,
     members: Arc<dyn Members>,
     transport: Arc<dyn Transport>,
+    rng: StdRng,
     tx: mpsc::Sender<Input>,
     mut rx: mpsc::Receiver<Input>,
 ) {
-    let rng: StdRng = rand::make_rng();
     let mut foca: Foca<Ident, PostcardCodec, StdRng, NoCustomBroadcast> =
         Foca::new(me.clone(), config(64), rng, PostcardCodec);
     let mut rt = foca::AccumulatingRuntime::new();

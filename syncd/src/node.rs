@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tonic::Status;
 
 use crate::config::{Config, Mode};
+use crate::env::Env;
 use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
 use crate::locks::{LockExt as _, RwLockExt as _};
 use crate::materialize::{self, InFlight, LocalChunks};
@@ -37,7 +38,6 @@ use crate::peer::{PeerChunks, PeerService, RemotePeer};
 use crate::topology::PeerClass;
 use crate::transport::Transport;
 use crate::transport::grpc::{GrpcServer, GrpcTransport};
-use rand::seq::SliceRandom as _;
 
 /// How often holdings are exchanged with every known peer (a change is also
 /// pushed at once).
@@ -194,18 +194,18 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Retry {
-    fn delay(failures: u32) -> Duration {
+    fn delay(failures: u32, jitter: f64) -> Duration {
         let base = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16));
         let base = base.min(RETRY_MAX);
-        let jitter = rand::random_range(0.75..1.25);
         base.mul_f64(jitter).min(RETRY_MAX)
     }
 
-    /// Records a failed attempt and schedules the next one.
-    pub fn failed(&mut self, now: tokio::time::Instant) -> Duration {
+    /// Records a failed attempt and schedules the next one (jitter from
+    /// `env`).
+    pub fn failed(&mut self, env: &Env) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let d = Self::delay(self.failures);
-        self.next_at = Some(now + d);
+        let d = Self::delay(self.failures, env.uniform(0.75..1.25));
+        self.next_at = Some(env.now() + d);
         d
     }
 
@@ -334,14 +334,15 @@ pub(crate) struct PeerState {
     /// From SWIM, once SWIM has reported the peer (`swim`).
     pub(crate) state: Liveness,
     pub(crate) swim: bool,
-    /// Last holdings exchange with it, either direction.
-    pub(crate) heard: std::time::Instant,
+    /// Last holdings exchange with it, either direction (on the
+    /// environment's clock).
+    pub(crate) heard: tokio::time::Instant,
     /// Holdings exchange round trip, smoothed (0: not measured).
     pub(crate) rtt_ms: f64,
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
     /// When SWIM declared it down (for forgetting it after [`DEAD_TTL`]).
-    pub(crate) down_since: Option<std::time::Instant>,
+    pub(crate) down_since: Option<tokio::time::Instant>,
 }
 
 /// A peer down this long is forgotten (its entry, holdings and channel),
@@ -377,7 +378,7 @@ impl PeerState {
             pulling: HashMap::new(),
             state: Liveness::Alive,
             swim: false,
-            heard: std::time::Instant::now(),
+            heard: tokio::time::Instant::now(),
             rtt_ms: 0.0,
             bytes_sent: 0,
             bytes_received: 0,
@@ -417,6 +418,8 @@ pub struct Node {
     pub(crate) peers: Mutex<HashMap<String, PeerState>>,
     /// How peers are reached (gRPC in the daemon, in memory in tests).
     pub transport: Arc<dyn Transport>,
+    /// Time and randomness (seeded in tests).
+    pub env: Arc<Env>,
     /// Writers of the index (scans) share it; the garbage collector takes
     /// it alone, so a sweep never sees nodes a scan wrote but has not yet
     /// referenced. Held only around scans, never across network I/O, so
@@ -465,7 +468,7 @@ impl Members for Node {
             .or_insert_with(|| PeerState::new(id.address.clone()));
         p.address = id.address.clone();
         if state == Liveness::Down && p.down_since.is_none() {
-            p.down_since = Some(std::time::Instant::now());
+            p.down_since = Some(self.env.now());
         } else if state != Liveness::Down {
             p.down_since = None;
         }
@@ -494,8 +497,10 @@ impl Node {
         store: Arc<Store>,
         bootstrap: Vec<String>,
         transport: Arc<dyn Transport>,
+        env: Arc<Env>,
     ) -> anyhow::Result<Node> {
         Ok(Node {
+            env,
             id,
             address,
             labels,
@@ -665,7 +670,7 @@ impl Node {
         let p = peers
             .entry(from.node_id.clone())
             .or_insert_with(|| PeerState::new(from.address.clone()));
-        p.heard = std::time::Instant::now();
+        p.heard = self.env.now();
         if new && let Some(swim) = self.swim.get() {
             // Let SWIM probe it too, rather than wait for gossip to bring it.
             swim.announce(&from.address);
@@ -737,7 +742,7 @@ impl Node {
                 })
                 .unwrap_or_default()
         };
-        holders.shuffle(&mut rand::rng());
+        self.env.shuffle(&mut holders);
         holders.sort_by_key(|h| (failed.contains(&h.id), h.partial, h.class));
         holders.truncate(MAX_SOURCES);
         Some((best, holders))
@@ -1289,6 +1294,7 @@ pub async fn run(
         store,
         n.peers.get_ref().clone(),
         Arc::new(GrpcTransport::default()),
+        Arc::new(Env::from_entropy()),
     )?);
 
     // The admin socket first, so `syncctl status` answers during the
@@ -1342,6 +1348,7 @@ pub async fn run(
         node.bootstrap.clone(),
         node.clone(),
         node.transport.clone(),
+        node.env.fork(),
     );
     node.swim.set(swim).expect("set once");
     tracing::info!(node = %node.id, listen = %config.listen, dirs = pending.len(), "syncd running");
@@ -1606,7 +1613,7 @@ async fn prepare_dir(
     match tokio::task::spawn_blocking(move || rescan(&n, &d2)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!(dir = %id, error = format!("{e:#}"), "initial scan failed"),
-        Err(e) => panicked(node, &dir, "initial scan", e, tokio::time::Instant::now()),
+        Err(e) => panicked(node, &dir, "initial scan", e),
     }
     // The first version a source publishes at start is not a sync.
     dir.synced.send_replace(None);
@@ -1813,13 +1820,13 @@ async fn dir_loop(node: Arc<Node>, dir: Arc<DirState>, rt: tokio::runtime::Handl
                 Ok(Err(e)) => {
                     // Delays count from the end of the attempt: a long
                     // one must not be retried at once.
-                    let wait = dir.retry.locked().failed(tokio::time::Instant::now());
+                    let wait = dir.retry.locked().failed(&node.env);
                     dir.panicked.store(false, Ordering::Relaxed);
                     tracing::error!(dir = %dir.id, error = format!("{e:#}"), retry_in = ?wait, "rescan failed");
                     continue;
                 }
                 Err(e) => {
-                    panicked(&node, &dir, "rescan", e, tokio::time::Instant::now());
+                    panicked(&node, &dir, "rescan", e);
                     continue;
                 }
             }
@@ -1839,14 +1846,14 @@ async fn dir_loop(node: Arc<Node>, dir: Arc<DirState>, rt: tokio::runtime::Handl
                         node.published.notify_one();
                     }
                     Ok(Err(e)) => {
-                        let wait = dir.retry.locked().failed(tokio::time::Instant::now());
+                        let wait = dir.retry.locked().failed(&node.env);
                         dir.panicked.store(false, Ordering::Relaxed);
                         tracing::warn!(dir = %dir.id, version = version.version, error = format!("{e:#}"), retry_in = ?wait, "sync failed; will retry");
                     }
                     Err(e) => {
                         dir.retry.locked().failed_version =
                             Some((version.version, version.root.clone()));
-                        panicked(&node, &dir, "sync", e, tokio::time::Instant::now());
+                        panicked(&node, &dir, "sync", e);
                     }
                 }
             }
@@ -1875,13 +1882,7 @@ fn settled(dir: &DirState) {
 /// with the panic's message, it is counted, the work is retried with
 /// backoff, and the other directories go on (no lock stays poisoned; see
 /// [`crate::locks`]).
-fn panicked(
-    node: &Node,
-    dir: &DirState,
-    what: &str,
-    e: tokio::task::JoinError,
-    now: tokio::time::Instant,
-) {
+fn panicked(node: &Node, dir: &DirState, what: &str, e: tokio::task::JoinError) {
     let msg = match e.try_into_panic() {
         Ok(p) => p
             .downcast_ref::<String>()
@@ -1890,7 +1891,7 @@ fn panicked(
             .unwrap_or_else(|| "unknown panic".into()),
         Err(e) => e.to_string(),
     };
-    let wait = dir.retry.locked().failed(now);
+    let wait = dir.retry.locked().failed(&node.env);
     dir.panicked.store(true, Ordering::Relaxed);
     dir.set_error(format!(
         "internal error during {what} (a bug; please report it): {msg}; retrying in {}",
@@ -1919,6 +1920,7 @@ mod tests {
                 store,
                 vec![],
                 grpc.clone(),
+                Arc::new(Env::seeded(1)),
             )
             .unwrap(),
         );
@@ -1954,7 +1956,7 @@ mod tests {
         .unwrap_err();
         assert!(dir.work.is_poisoned());
         let now = tokio::time::Instant::now();
-        panicked(&node, &dir, "sync", e, now);
+        panicked(&node, &dir, "sync", e);
         assert_eq!(dir.state_name(), "error");
         let reason = dir.status.locked().reason.clone();
         assert!(
@@ -1990,11 +1992,12 @@ mod tests {
 
     #[test]
     fn retries_back_off_exponentially_up_to_the_cap() {
-        let now = tokio::time::Instant::now();
+        let env = Env::seeded(1);
+        let now = env.now();
         let mut r = Retry::default();
         let mut last = Duration::ZERO;
         for i in 1..=12 {
-            let d = r.failed(now);
+            let d = r.failed(&env);
             assert!(d <= RETRY_MAX, "{d:?}");
             if i <= 4 {
                 // 1, 2, 4, 8 s ± 25 %
@@ -2021,13 +2024,10 @@ mod tests {
     /// Issue 8 item 8: members down for DEAD_TTL are forgotten with their
     /// channels; oversized labels and directories we do not carry are not
     /// kept.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn dead_members_are_forgotten_and_peer_keys_bounded() {
         let tmp = tempfile::tempdir().unwrap();
         let (node, _dir, grpc) = node_with_dir(tmp.path());
-        let long_ago = std::time::Instant::now()
-            .checked_sub(DEAD_TTL + Duration::from_secs(1))
-            .unwrap();
         for (id, addr, down) in [
             ("gone", "10.0.0.9:7400", true),
             ("here", "10.0.0.8:7400", false),
@@ -2036,12 +2036,17 @@ mod tests {
             p.swim = true;
             if down {
                 p.state = Liveness::Down;
-                p.down_since = Some(long_ago);
+                p.down_since = Some(node.env.now());
             }
             node.peers.locked().insert(id.into(), p);
             grpc.prime(addr);
         }
         grpc.prime("10.0.0.7:7400"); // an address nobody has
+        // Not yet: down for less than the TTL (on the paused clock).
+        tokio::time::advance(DEAD_TTL - Duration::from_secs(1)).await;
+        node.forget_dead();
+        assert!(node.peers.locked().contains_key("gone"));
+        tokio::time::advance(Duration::from_secs(2)).await;
         node.forget_dead();
         let peers = node.peers.locked();
         assert!(peers.contains_key("here") && !peers.contains_key("gone"));
@@ -2142,6 +2147,7 @@ mod tests {
                 store,
                 vec![],
                 Arc::new(net.transport("10.0.0.1:7400")),
+                Arc::new(Env::seeded(2)),
             )
             .unwrap(),
         );
