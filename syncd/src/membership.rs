@@ -181,6 +181,14 @@ impl Swim {
     }
 }
 
+/// Sends one packet, fire and forget (a lost packet is SWIM's to handle).
+async fn send(transport: Arc<dyn Transport>, to: String, data: Bytes) {
+    let call = transport.swim(&to, pb::SwimPacket { data });
+    if let Ok(Err(e)) = tokio::time::timeout(SEND_TIMEOUT, call).await {
+        tracing::trace!(to = %to, error = %e, "SWIM packet not delivered");
+    }
+}
+
 fn liveness(s: foca::State) -> Liveness {
     match s {
         foca::State::Alive => Liveness::Alive,
@@ -229,11 +237,7 @@ async fn run(
                 }
                 let mut sends = tokio::task::JoinSet::new();
                 while let Some((to, data)) = rt.to_send() {
-                    let transport = transport.clone();
-                    sends.spawn(async move {
-                        let call = transport.swim(&to.address, pb::SwimPacket { data });
-                        let _ = tokio::time::timeout(SEND_TIMEOUT, call).await;
-                    });
+                    sends.spawn(send(transport.clone(), to.address, data));
                 }
                 while sends.join_next().await.is_some() {}
                 let _ = done.send(());
@@ -255,13 +259,7 @@ async fn run(
         }
         while let Some((to, data)) = rt.to_send() {
             members.sending();
-            let transport = transport.clone();
-            tokio::spawn(async move {
-                let call = transport.swim(&to.address, pb::SwimPacket { data });
-                if let Ok(Err(e)) = tokio::time::timeout(SEND_TIMEOUT, call).await {
-                    tracing::trace!(to = %to.address, error = %e, "SWIM packet not delivered");
-                }
-            });
+            tokio::spawn(send(transport.clone(), to.address, data));
         }
         while let Some((after, timer)) = rt.to_schedule() {
             let tx = tx.clone();

@@ -198,20 +198,7 @@ fn sigterm_mid_transfer_stops_cleanly_and_leaves_the_fleet() {
     let mut r = Daemon::new(tmp.path(), "r", b, "replica", &[a]);
     fs::write(src.data.join("small.txt"), b"first").unwrap();
     converge(&src, &[&r], "a first file");
-    let peer_state = |d: &Daemon, peer: &str| {
-        let (code, out, _) = common::ctl(d, &["--json", "peers"]);
-        if code != 0 {
-            return String::new();
-        }
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["node_id"] == peer)
-            .map(|p| p["state"].as_str().unwrap().to_string())
-            .unwrap_or_default()
-    };
+    let peer_state = common::peer_state;
     common::until(30, "the source sees the replica alive", || {
         (peer_state(&src, "r") == "alive").then_some(())
     });

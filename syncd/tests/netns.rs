@@ -89,15 +89,7 @@ impl Drop for Net {
     }
 }
 
-fn state_of(d: &Daemon, peer: &str) -> String {
-    ctl_json(d, &["peers"])["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node_id"] == peer)
-        .map(|p| p["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
+use common::peer_state as state_of;
 
 #[test]
 fn a_partitioned_replica_is_declared_dead_and_catches_up_when_healed() {

@@ -368,3 +368,23 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     let (head, body) = buf.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
+
+/// How `d` sees `peer` in `syncctl peers` (alive, suspect, dead), or ""
+/// when it does not know it or does not answer.
+pub fn peer_state(d: &Daemon, peer: &str) -> String {
+    let (code, out, _) = ctl(d, &["--json", "peers"]);
+    let Some(v) = serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .filter(|_| code == 0)
+    else {
+        return String::new();
+    };
+    v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["node_id"] == peer)
+        .and_then(|p| p["state"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
