@@ -91,6 +91,14 @@ pub enum Error {
     #[error("stopped before finishing (shutting down or directory removed)")]
     Stopped,
 
+    /// The node source could not answer (a peer unreachable or failing).
+    #[error("{origin} could not serve manifest node {hash}: {reason}")]
+    SourceFailed {
+        hash: Hash,
+        origin: Origin,
+        reason: String,
+    },
+
     #[error("manifest node {hash} not found in {origin}")]
     MissingNode { hash: Hash, origin: Origin },
 

@@ -10,26 +10,22 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use sync_proto::admin as pba;
 use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 
-use crate::config::Mode;
-use crate::locks::LockExt as _;
-use crate::membership::Liveness;
-use crate::node::{DirState, Node, Phase};
+use sync_proto::pb;
+
+use crate::dir::{DirHandle, Phase, Registry};
+use crate::fleet::PeerState;
+use crate::local::LocalNode;
 use crate::topology::PeerClass;
+pub use crate::wire::hex;
 
 /// The group allowed to use the socket besides root.
 pub const ADMIN_GROUP: &str = "syncd";
-
-/// Lowercase hex, as roots are shown to operators and hooks.
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// Binds the admin socket: creates its directory, refuses to steal the
 /// socket of a running daemon, removes a stale one, and restricts access.
@@ -115,9 +111,16 @@ fn group_id(name: &str) -> Option<u32> {
 }
 
 /// Serves the admin service on `listener` until the task is dropped.
-pub async fn serve(listener: UnixListener, node: Arc<Node>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: UnixListener,
+    node: Arc<LocalNode>,
+    dirs: Arc<Registry>,
+) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
-        .add_service(pba::admin_server::AdminServer::new(AdminService { node }))
+        .add_service(pba::admin_server::AdminServer::new(AdminService {
+            node,
+            dirs,
+        }))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await
         .context("admin service")
@@ -125,7 +128,8 @@ pub async fn serve(listener: UnixListener, node: Arc<Node>) -> anyhow::Result<()
 
 #[derive(Debug)]
 struct AdminService {
-    node: Arc<Node>,
+    node: Arc<LocalNode>,
+    dirs: Arc<Registry>,
 }
 
 /// Fleet view of one directory.
@@ -137,70 +141,45 @@ struct Fleet {
     peers: Vec<pba::PeerVersion>,
 }
 
-fn fleet_of(node: &Node, dir: &DirState) -> Fleet {
-    let ours = dir.current_version();
-    let mut best = ours
-        .as_ref()
-        .map(|v| (v.version, v.root.clone()))
-        .unwrap_or_default();
-    let peers = node.peers.locked();
-    let live = || peers.iter().filter(|(_, p)| p.liveness() != Liveness::Down);
-    for (_, p) in live() {
-        if let Some(v) = p.holdings.get(&dir.id)
-            && v.version > best.0
-        {
-            best = (v.version, v.root.clone());
-        }
-    }
+fn fleet_of(peers: &[(String, PeerState)], dir: &str, newest: Option<pb::DirVersion>) -> Fleet {
+    let (version, root) = newest.map(|v| (v.version, v.root)).unwrap_or_default();
     let mut f = Fleet {
-        version: best.0,
-        root: best.1,
+        version,
+        root,
         at_version: 0,
         carrying: 0,
         peers: Vec::new(),
     };
-    let mut list: Vec<pba::PeerVersion> = Vec::new();
-    for (id, p) in live() {
-        let held = p.holdings.get(&dir.id);
-        if held.is_none() && !p.pulling.contains_key(&dir.id) {
+    for (id, p) in peers.iter().filter(|(_, p)| p.live()) {
+        let held = p.held(dir);
+        if held.is_none() && p.pulling(dir).is_none() {
             continue;
         }
         f.carrying += 1;
-        let version = held.map_or(0, |v| v.version);
         if held.is_some_and(|v| v.version == f.version && v.root == f.root) {
             f.at_version += 1;
         }
-        list.push(pba::PeerVersion {
+        f.peers.push(pba::PeerVersion {
             node_id: id.clone(),
-            version,
+            version: held.map_or(0, |v| v.version),
             state: p.liveness().as_str().into(),
         });
     }
-    list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    f.peers = list;
     f
 }
 
-fn dir_status(node: &Node, dir: &DirState) -> pba::DirStatus {
-    let (retry_in_seconds, failures) = {
-        let r = dir.retry.locked();
-        (r.retry_in(), r.failures)
-    };
-    let current = dir.current_version();
-    let fleet = fleet_of(node, dir);
-    let status = dir.status.locked().clone();
+fn dir_status(node: &LocalNode, peers: &[(String, PeerState)], d: &DirHandle) -> pba::DirStatus {
+    let dir = &d.state;
+    let status = d.status();
+    let current = status.current.clone();
+    let fleet = fleet_of(peers, &dir.id, node.fleet.newest(&dir.id));
     pba::DirStatus {
         id: dir.id.clone(),
         path: dir.path.display().to_string(),
-        mode: match dir.mode {
-            Mode::Source => "source",
-            Mode::Replica => "replica",
-            Mode::TwoWay => "two-way",
-        }
-        .into(),
-        state: dir.state_name().into(),
+        mode: crate::dir::state::mode_name(dir.mode).into(),
+        state: status.state_name().into(),
         reason: if status.phase == Phase::Error {
-            status.reason
+            status.reason.clone()
         } else {
             String::new()
         },
@@ -212,36 +191,34 @@ fn dir_status(node: &Node, dir: &DirState) -> pba::DirStatus {
         peers_carrying: fleet.carrying,
         pending_bytes: dir.progress.pending_bytes(),
         pending_files: dir.progress.pending_files(),
-        rate_bytes_per_second: dir.rate.locked().1,
-        last_error: status.last_error,
+        rate_bytes_per_second: dir.progress.rate(),
+        last_error: status.last_error.clone(),
         peers: fleet.peers,
-        retry_in_seconds,
-        failures,
+        retry_in_seconds: status.retry_in(),
+        failures: status.failures,
     }
 }
 
-fn peer_counts(node: &Node) -> pba::PeerCounts {
-    let mut c = pba::PeerCounts::default();
-    for p in node.peers.locked().values() {
-        match p.liveness() {
-            Liveness::Alive => c.alive += 1,
-            Liveness::Suspect => c.suspect += 1,
-            Liveness::Down => c.dead += 1,
-        }
+fn peer_counts(node: &LocalNode) -> pba::PeerCounts {
+    let (alive, suspect, dead) = node.fleet.counts();
+    pba::PeerCounts {
+        alive,
+        suspect,
+        dead,
     }
-    c
 }
 
 /// Brings the state gauges up to date (before each scrape).
-pub fn refresh_metrics(node: &Node) {
+pub fn refresh_metrics(node: &LocalNode, dirs: &Registry) {
     let m = &node.metrics;
     let c = peer_counts(node);
     for (state, n) in [("alive", c.alive), ("suspect", c.suspect), ("dead", c.dead)] {
         m.peers.with_label_values(&[state]).set(i64::from(n));
     }
-    for d in node.dir_list() {
-        let s = dir_status(node, &d);
-        let id = [d.id.as_str()];
+    let peers = node.fleet.peers();
+    for d in crate::dir::handles(dirs) {
+        let s = dir_status(node, &peers, &d);
+        let id = [d.id()];
         let set = |g: &prometheus::IntGaugeVec, v: u64| {
             g.with_label_values(&id)
                 .set(i64::try_from(v).unwrap_or(i64::MAX))
@@ -259,9 +236,9 @@ pub fn refresh_metrics(node: &Node) {
         m.transfer_rate
             .with_label_values(&id)
             .set(s.rate_bytes_per_second);
-        for name in Phase::ALL_NAMES {
+        for name in crate::wire::STATES {
             m.dir_state
-                .with_label_values(&[d.id.as_str(), name])
+                .with_label_values(&[d.id(), name])
                 .set(i64::from(name == s.state));
         }
     }
@@ -274,15 +251,15 @@ impl pba::admin_server::Admin for AdminService {
         _: Request<pba::StatusRequest>,
     ) -> Result<Response<pba::StatusReply>, Status> {
         let node = &self.node;
+        let peers = node.fleet.peers();
         Ok(Response::new(pba::StatusReply {
             node_id: node.id.clone(),
             syncd_version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: node.started.elapsed().as_secs(),
             peers: Some(peer_counts(node)),
-            dirs: node
-                .dir_list()
+            dirs: crate::dir::handles(&self.dirs)
                 .iter()
-                .map(|d| dir_status(node, d))
+                .map(|d| dir_status(node, &peers, d))
                 .collect(),
         }))
     }
@@ -292,13 +269,15 @@ impl pba::admin_server::Admin for AdminService {
         _: Request<pba::PeersRequest>,
     ) -> Result<Response<pba::PeersReply>, Status> {
         let node = &self.node;
-        let peers = node.peers.locked();
-        let mut out: Vec<pba::PeerInfo> = peers
-            .iter()
+        let out: Vec<pba::PeerInfo> = node
+            .fleet
+            .peers()
+            .into_iter()
             .map(|(id, p)| {
                 let mut holds: Vec<pba::HeldVersion> = p
-                    .holdings
-                    .values()
+                    .record
+                    .iter()
+                    .flat_map(|r| r.dirs.iter())
                     .map(|v| pba::HeldVersion {
                         dir: v.dir.clone(),
                         version: v.version,
@@ -307,20 +286,97 @@ impl pba::admin_server::Admin for AdminService {
                     .collect();
                 holds.sort_by(|a, b| a.dir.cmp(&b.dir));
                 pba::PeerInfo {
-                    node_id: id.clone(),
+                    node_id: id,
                     address: p.address.clone(),
                     labels: p.labels.clone().into_iter().collect(),
-                    class: PeerClass::of(&node.labels, &p.labels).as_str().into(),
+                    class: PeerClass::of(&node.fleet.labels, &p.labels).as_str().into(),
                     state: p.liveness().as_str().into(),
                     rtt_ms: p.rtt_ms,
                     bytes_sent: p.bytes_sent,
                     bytes_received: p.bytes_received,
                     holds,
+                    corrupt_chunks: p.corrupt_chunks,
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         Ok(Response::new(pba::PeersReply { peers: out }))
+    }
+
+    async fn fleet(
+        &self,
+        req: Request<pba::FleetRequest>,
+    ) -> Result<Response<pba::FleetReply>, Status> {
+        let want = req.into_inner().dir;
+        if !want.is_empty() && !crate::wire::is_id(&want) {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a directory id",
+                crate::wire::short(&want)
+            )));
+        }
+        let view = &self.node.fleet;
+        let mut rows: Vec<(String, String, Arc<pb::Holdings>)> =
+            vec![(view.id.clone(), "self".into(), view.own_record())];
+        for (id, p) in view.peers() {
+            if let Some(r) = &p.record {
+                rows.push((id, p.liveness().as_str().into(), r.clone()));
+            }
+        }
+        let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, _, r) in &rows {
+            for v in &r.dirs {
+                let n = newest.entry(v.dir.clone()).or_default();
+                *n = (*n).max(v.version);
+            }
+        }
+        let mut nodes: Vec<pba::FleetNode> = rows
+            .into_iter()
+            .filter_map(|(id, state, r)| {
+                let member = r.from.clone().unwrap_or_default();
+                let dirs: Vec<pba::FleetDir> = r
+                    .reports
+                    .iter()
+                    .filter(|rep| want.is_empty() || rep.dir == want)
+                    .map(|rep| {
+                        let find = |l: &[pb::DirVersion]| {
+                            l.iter().find(|v| v.dir == rep.dir).map_or(0, |v| v.version)
+                        };
+                        let version = find(&r.dirs);
+                        let fleet_version = newest.get(&rep.dir).copied().unwrap_or(0);
+                        pba::FleetDir {
+                            dir: rep.dir.clone(),
+                            mode: rep.mode.clone(),
+                            state: rep.state.clone(),
+                            version,
+                            fleet_version,
+                            lag: fleet_version.saturating_sub(version),
+                            rate_bytes_per_second: rep.rate,
+                            pending_bytes: rep.pending_bytes,
+                            last_error: rep.last_error.clone(),
+                            pulling: find(&r.pulling),
+                        }
+                    })
+                    .collect();
+                (want.is_empty() || !dirs.is_empty()).then_some(pba::FleetNode {
+                    node_id: id,
+                    address: member.address,
+                    labels: member.labels,
+                    state,
+                    dirs,
+                })
+            })
+            .collect();
+        let label = |n: &pba::FleetNode, k: &str| n.labels.get(k).cloned().unwrap_or_default();
+        nodes.sort_by(|a, b| {
+            (label(a, "region"), label(a, "zone"), &a.node_id).cmp(&(
+                label(b, "region"),
+                label(b, "zone"),
+                &b.node_id,
+            ))
+        });
+        Ok(Response::new(pba::FleetReply {
+            node_id: view.id.clone(),
+            nodes,
+        }))
     }
 
     async fn control(
@@ -328,18 +384,15 @@ impl pba::admin_server::Admin for AdminService {
         req: Request<pba::ControlRequest>,
     ) -> Result<Response<pba::ControlReply>, Status> {
         let r = req.into_inner();
-        let node = &self.node;
-        let dirs: Vec<Arc<DirState>> = if r.all {
-            node.dir_list()
+        let all = crate::dir::handles(&self.dirs);
+        let dirs: Vec<DirHandle> = if r.all {
+            all
         } else {
             if r.dirs.is_empty() {
                 return Err(Status::invalid_argument("name a directory or use --all"));
             }
-            let known: BTreeMap<String, Arc<DirState>> = node
-                .dir_list()
-                .into_iter()
-                .map(|d| (d.id.clone(), d))
-                .collect();
+            let known: BTreeMap<String, DirHandle> =
+                all.into_iter().map(|d| (d.id().to_string(), d)).collect();
             r.dirs
                 .iter()
                 .map(|id| {
@@ -354,56 +407,15 @@ impl pba::admin_server::Admin for AdminService {
         };
         for d in &dirs {
             match r.action.as_str() {
-                "pause" => {
-                    d.paused.store(true, Ordering::Relaxed);
-                    tracing::info!(dir = %d.id, "paused by syncctl");
-                }
-                "resume" => {
-                    d.paused.store(false, Ordering::Relaxed);
-                    d.poke.notify_one();
-                    tracing::info!(dir = %d.id, "resumed by syncctl");
-                }
+                "pause" => d.pause(),
+                "resume" => d.resume(),
                 "rescan" => {
-                    if d.paused.load(Ordering::Relaxed) {
-                        return Err(Status::failed_precondition(format!(
-                            "directory {:?} is paused; resume it first",
-                            d.id
-                        )));
-                    }
                     // Synchronous: when the call returns, what is on disk
                     // now is the version this node holds (on a source, the
                     // version it publishes), so `syncctl wait` can follow.
-                    let (n, dir) = (node.clone(), d.clone());
-                    let changed =
-                        tokio::task::spawn_blocking(move || crate::node::rescan(&n, &dir))
-                            .await
-                            .map_err(|e| Status::internal(e.to_string()))?
-                            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
-                    if changed {
-                        node.published.notify_one();
-                    }
-                    // A replica also looks for a newer version now.
-                    d.poke.notify_one();
+                    d.rescan().await.map_err(Status::failed_precondition)?;
                 }
-                "revert" => {
-                    if d.mode != Mode::Replica {
-                        return Err(Status::failed_precondition(format!(
-                            "directory {:?} is a {}; revert undoes local edits on replicas",
-                            d.id,
-                            if d.mode == Mode::Source {
-                                "source"
-                            } else {
-                                "two-way directory"
-                            }
-                        )));
-                    }
-                    // Forget the version held: the loop pulls the newest
-                    // version again, and the diff against what is on disk
-                    // restores every edited, added or deleted file.
-                    *d.current.locked() = None;
-                    d.poke.notify_one();
-                    tracing::info!(dir = %d.id, "revert requested by syncctl");
-                }
+                "revert" => d.revert().map_err(Status::failed_precondition)?,
                 other => {
                     return Err(Status::invalid_argument(format!(
                         "unknown action {other:?}; expected pause, resume, rescan or revert"
@@ -412,7 +424,7 @@ impl pba::admin_server::Admin for AdminService {
             }
         }
         Ok(Response::new(pba::ControlReply {
-            affected: dirs.iter().map(|d| d.id.clone()).collect(),
+            affected: dirs.iter().map(|d| d.id().to_string()).collect(),
         }))
     }
 }

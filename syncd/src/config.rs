@@ -19,12 +19,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/syncd/syncd.toml";
 /// The drop-in directory of per-directory files, beside the node file.
 pub const DIRS_D: &str = "dirs.d";
 
-/// Topology label keys; labels weight peer choice, so a typo in a key would
-/// silently make every peer "elsewhere".
-pub(crate) const LABEL_KEYS: [&str; 3] = ["region", "zone", "rack"];
+use crate::wire::LABEL_KEYS;
 const MAX_PEERS: usize = 1024;
 const MAX_IGNORE: usize = 1024;
-const MAX_ID_LEN: usize = 128;
+use crate::wire::MAX_ID_LEN;
 
 /// A configuration error: which file, which line (when known), what.
 #[derive(Debug, thiserror::Error)]
@@ -290,10 +288,7 @@ fn check_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(format!("{what} must be 1..={MAX_ID_LEN} characters"));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
+    if !crate::wire::is_id(id) {
         return Err(format!(
             "{what} {id:?} may only contain letters, digits, '.', '_' and '-'"
         ));

@@ -76,7 +76,7 @@ impl Default for FetchConfig {
     fn default() -> FetchConfig {
         FetchConfig {
             window_bytes: 4 << 20,
-            window_chunks: crate::peer::MAX_CHUNKS_PER_CALL,
+            window_chunks: crate::transport::MAX_CHUNKS_PER_CALL,
             ahead_bytes: 64 << 20,
             per_peer: 2,
             max_errors: 3,

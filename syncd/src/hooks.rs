@@ -10,10 +10,23 @@
 //! these variables: `SYNCD_DIR`, `SYNCD_PATH`, `SYNCD_VERSION`,
 //! `SYNCD_ROOT` (hex). systemd's notify variables are removed.
 
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::time::Duration;
 
-use crate::node::{DirState, Node};
+use sync_proto::pb;
+
+use crate::metrics::Metrics;
+
+/// One directory's hook.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub dir: String,
+    pub path: PathBuf,
+    /// Program and arguments; empty: no hook.
+    pub command: Vec<String>,
+    pub timeout: Duration,
+}
 
 /// Most bytes of a hook's output kept for the log.
 const OUTPUT_TAIL: usize = 2048;
@@ -23,23 +36,26 @@ fn tail(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[start..]).trim().to_string()
 }
 
-/// Runs `dir`'s hook for every new version it is told about, until the
+/// Runs the hook for every new version `rx` is told about, until the
 /// directory stops.
-pub async fn run_hooks(node: Arc<Node>, dir: Arc<DirState>) {
-    if dir.hook.is_empty() {
+pub async fn run_hooks(
+    metrics: Metrics,
+    dir: Hook,
+    mut rx: tokio::sync::watch::Receiver<Option<pb::DirVersion>>,
+) {
+    if dir.command.is_empty() {
         return;
     }
-    let mut rx = dir.synced.subscribe();
     rx.mark_unchanged();
     while rx.changed().await.is_ok() {
         let Some(version) = rx.borrow_and_update().clone() else {
             continue;
         };
-        let root = crate::admin::hex(&version.root);
+        let root = crate::wire::hex(&version.root);
         let started = std::time::Instant::now();
-        let child = tokio::process::Command::new(&dir.hook[0])
-            .args(&dir.hook[1..])
-            .env("SYNCD_DIR", &dir.id)
+        let child = tokio::process::Command::new(&dir.command[0])
+            .args(&dir.command[1..])
+            .env("SYNCD_DIR", &dir.dir)
             .env("SYNCD_PATH", &dir.path)
             .env("SYNCD_VERSION", version.version.to_string())
             .env("SYNCD_ROOT", &root)
@@ -53,44 +69,41 @@ pub async fn run_hooks(node: Arc<Node>, dir: Arc<DirState>) {
             .spawn();
         let result = match child {
             Err(e) => {
-                tracing::error!(dir = %dir.id, command = ?dir.hook, error = %e, "on_synced hook could not be started");
+                tracing::error!(dir = %dir.dir, command = ?dir.command, error = %e, "on_synced hook could not be started");
                 "failed"
             }
             Ok(child) => {
-                match tokio::time::timeout(dir.hook_timeout, child.wait_with_output()).await {
+                match tokio::time::timeout(dir.timeout, child.wait_with_output()).await {
                     Err(_) => {
                         // Dropping the future killed the child.
-                        tracing::error!(dir = %dir.id, version = version.version, command = ?dir.hook, timeout = ?dir.hook_timeout, "on_synced hook timed out and was killed");
+                        tracing::error!(dir = %dir.dir, version = version.version, command = ?dir.command, timeout = ?dir.timeout, "on_synced hook timed out and was killed");
                         "timeout"
                     }
                     Ok(Err(e)) => {
-                        tracing::error!(dir = %dir.id, command = ?dir.hook, error = %e, "on_synced hook failed to run");
+                        tracing::error!(dir = %dir.dir, command = ?dir.command, error = %e, "on_synced hook failed to run");
                         "failed"
                     }
                     Ok(Ok(out)) if out.status.success() => {
-                        tracing::info!(dir = %dir.id, version = version.version, command = ?dir.hook, seconds = started.elapsed().as_secs_f64(), "on_synced hook succeeded");
+                        tracing::info!(dir = %dir.dir, version = version.version, command = ?dir.command, seconds = started.elapsed().as_secs_f64(), "on_synced hook succeeded");
                         "ok"
                     }
                     Ok(Ok(out)) => {
-                        tracing::error!(dir = %dir.id, version = version.version, command = ?dir.hook, status = %out.status, stderr = %tail(&out.stderr), stdout = %tail(&out.stdout), "on_synced hook failed");
+                        tracing::error!(dir = %dir.dir, version = version.version, command = ?dir.command, status = %out.status, stderr = %tail(&out.stderr), stdout = %tail(&out.stdout), "on_synced hook failed");
                         "failed"
                     }
                 }
             }
         };
-        node.metrics
+        metrics
             .hook_runs
-            .with_label_values(&[&dir.id, result])
+            .with_label_values(&[&dir.dir, result])
             .inc();
-        node.metrics
+        metrics
             .hook_duration
-            .with_label_values(&[&dir.id])
+            .with_label_values(&[&dir.dir])
             .observe(started.elapsed().as_secs_f64());
         if result != "ok" {
-            node.metrics
-                .errors
-                .with_label_values(&[&dir.id, "hook"])
-                .inc();
+            metrics.errors.with_label_values(&[&dir.dir, "hook"]).inc();
         }
     }
 }

@@ -104,10 +104,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            let opts = syncd::node::RunOptions {
+            let opts = syncd::daemon::RunOptions {
                 notify: Some(syncd::sdnotify::Notifier::from_env()),
             };
-            rt.block_on(syncd::node::run(config, shutdown_signal(), opts))?;
+            rt.block_on(syncd::daemon::run(config, shutdown_signal(), opts))?;
             // Blocking work (a scan, a file being written) gets a bounded
             // grace period; everything it does is atomic anyway.
             rt.shutdown_timeout(std::time::Duration::from_secs(10));

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub transfer_rate: GaugeVec,
     pub peers: IntGaugeVec,
     pub gossip_messages: IntCounterVec,
+    pub gossip_bytes: IntCounterVec,
     pub rpc_duration: HistogramVec,
     pub hook_runs: IntCounterVec,
     pub hook_duration: HistogramVec,
@@ -162,7 +163,12 @@ impl Metrics {
             peers: gauge("syncd_peers", "Peers by SWIM state.", &["state"])?,
             gossip_messages: counter(
                 "syncd_gossip_messages_total",
-                "Membership (swim) and holdings (exchange) messages.",
+                "Membership (swim) and fleet-state (gossip, exchange) messages.",
+                &["kind", "direction"],
+            )?,
+            gossip_bytes: counter(
+                "syncd_gossip_bytes_total",
+                "Bytes of gossip messages (encoded), by kind (digest, reconcile, records, push, exchange) and direction.",
                 &["kind", "direction"],
             )?,
             rpc_duration: histogram(
@@ -267,7 +273,7 @@ impl Metrics {
             let _ = v.remove_label_values(&[dir]);
         }
         let _ = self.transfer_rate.remove_label_values(&[dir]);
-        for s in crate::node::Phase::ALL_NAMES {
+        for s in crate::wire::STATES {
             let _ = self.dir_state.remove_label_values(&[dir, s]);
         }
     }

@@ -1,5 +1,5 @@
-//! The peer service: what this node answers (holdings, manifest nodes,
-//! chunk bytes) and the client side that reads a peer's manifest and chunks
+//! The peer service: what this node answers (records and gossip, manifest
+//! nodes, chunk bytes) and the client side that reads a peer's manifest and chunks
 //! for the diff and the materializer.
 //!
 //! Every request from a peer is bounded before anything is allocated: ids
@@ -13,27 +13,22 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chunk_store::manifest::{ChunkEntry, NodeSource};
 use chunk_store::{Error as StoreError, Hash};
+use prost::Message as _;
 use sync_proto::pb;
 use tokio::runtime::Handle;
 use tonic::Status;
 
+use crate::error::Refusal;
 use crate::fetch::{ChunkPeer, FetchError, FetchResult};
+use crate::fleet::{FleetView, Via};
+use crate::local::LocalNode;
 use crate::locks::LockExt as _;
 use crate::materialize::LocalChunks;
 use crate::metrics::Metrics;
-use crate::node::Node;
 use crate::transport::{Caller, ChunkStream, PeerHandler, Transport};
 
-/// Most node ids or chunk hashes one request may name.
-pub const MAX_NODES_PER_CALL: usize = 256;
-pub const MAX_CHUNKS_PER_CALL: usize = 1024;
-/// A chunk batch on the wire stays under this (plus framing); chunks are
-/// at most 256 KiB with the default chunker.
-pub const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Largest message either side decodes.
 pub use crate::transport::grpc::MAX_MESSAGE_BYTES;
-/// Most directories one Holdings message may list (held, and pulling).
-pub const MAX_HOLDINGS: usize = 4096;
+pub use crate::transport::{MAX_BATCH_BYTES, MAX_CHUNKS_PER_CALL, MAX_NODES_PER_CALL};
 /// `GetChunks` streams served at once, in total and per peer address. Each
 /// holds at most one batch being read and one queued (≤ 2 × 4 MiB), so
 /// serving takes at most ~256 MiB and 32 blocking reads however many
@@ -152,35 +147,63 @@ fn hash_of(b: &[u8]) -> Result<Hash, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("hash of {} bytes, expected 32", b.len())))
 }
 
-/// Maps storage errors to gRPC codes: a peer's fault is invalid input, ours
-/// is internal.
-pub fn status_of(e: StoreError) -> Status {
-    match e {
-        StoreError::InvalidDirId { .. } => Status::invalid_argument(e.to_string()),
-        StoreError::MissingNode { .. } => Status::not_found(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
 /// The server half.
 #[derive(Debug, Clone)]
 pub struct PeerService {
-    pub node: Arc<Node>,
+    pub node: Arc<LocalNode>,
+    /// Admission of peers' requests (bounded streams and node reads).
+    pub serving: Arc<Serving>,
+}
+
+impl PeerService {
+    pub fn new(node: Arc<LocalNode>) -> PeerService {
+        PeerService {
+            node,
+            serving: Arc::new(Serving::default()),
+        }
+    }
+
+    /// Accounts chunks served to `requester`.
+    fn record_sent(&self, requester: &str, dir: &str, bytes: u64, chunks: u64) {
+        // Only configured ids become metric labels: a peer naming random
+        // directories must not grow /metrics.
+        if !self.node.carries(dir) {
+            return;
+        }
+        let fleet = &self.node.fleet;
+        let class = fleet.class_of(requester);
+        fleet.add_traffic(requester, bytes, 0);
+        let labels = [dir, class.as_str()];
+        let m = &self.node.metrics;
+        m.sent_bytes.with_label_values(&labels).inc_by(bytes);
+        m.sent_chunks.with_label_values(&labels).inc_by(chunks);
+    }
 }
 
 #[tonic::async_trait]
 impl PeerHandler for PeerService {
     async fn exchange(&self, _caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
-        if h.dirs.len() > MAX_HOLDINGS || h.pulling.len() > MAX_HOLDINGS {
-            return Err(Status::invalid_argument("too many directories"));
-        }
-        self.node
-            .metrics
-            .gossip_messages
+        let m = &self.node.metrics;
+        m.gossip_messages
             .with_label_values(&["exchange", "received"])
             .inc();
-        self.node.learn(h)?;
-        Ok(self.node.holdings())
+        m.gossip_bytes
+            .with_label_values(&["exchange", "received"])
+            .inc_by(h.encoded_len() as u64);
+        self.node.fleet.learn(h, Via::Direct)?;
+        let own = (*self.node.fleet.own_record()).clone();
+        m.gossip_bytes
+            .with_label_values(&["exchange", "sent"])
+            .inc_by(own.encoded_len() as u64);
+        Ok(own)
+    }
+
+    async fn gossip(
+        &self,
+        _caller: Caller,
+        r: pb::GossipRequest,
+    ) -> Result<pb::GossipReply, Status> {
+        Ok(crate::fleet::gossip::answer(&self.node.fleet, r)?)
     }
 
     async fn swim(&self, _caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
@@ -190,7 +213,7 @@ impl PeerHandler for PeerService {
             .gossip_messages
             .with_label_values(&["swim", "received"])
             .inc();
-        if let Some(swim) = self.node.swim.get() {
+        if let Some(swim) = self.node.fleet.swim.get() {
             swim.packet(data).map_err(Status::invalid_argument)?;
         }
         Ok(())
@@ -209,7 +232,7 @@ impl PeerHandler for PeerService {
             )));
         }
         let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
-        let permit = self.node.serving.admit_nodes(peer_ip).await?;
+        let permit = self.serving.admit_nodes(peer_ip).await?;
         let store = self.node.store.clone();
         let nodes = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -231,7 +254,7 @@ impl PeerHandler for PeerService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(status_of)?;
+        .map_err(Refusal::from)?;
         Ok(pb::GetNodesResponse { nodes })
     }
 
@@ -241,8 +264,8 @@ impl PeerHandler for PeerService {
         r: pb::GetChunksRequest,
     ) -> Result<ChunkStream, Status> {
         let peer_ip = caller.ip;
-        if !(r.requester.is_empty() || crate::node::is_id(&r.requester))
-            || !crate::node::is_id(&r.dir)
+        if !(r.requester.is_empty() || crate::wire::is_id(&r.requester))
+            || !crate::wire::is_id(&r.dir)
         {
             return Err(Status::invalid_argument(
                 "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
@@ -253,7 +276,7 @@ impl PeerHandler for PeerService {
                 "more than {MAX_CHUNKS_PER_CALL} chunks"
             )));
         }
-        if self.node.dir(&r.dir).is_none() {
+        if !self.node.carries(&r.dir) {
             return Err(Status::not_found(format!(
                 "this node does not carry directory {:?}",
                 r.dir
@@ -271,9 +294,10 @@ impl PeerHandler for PeerService {
         }
         // The permits live as long as the response stream: a stream whose
         // reader stalled still counts until the connection lets it go.
-        let permits = self.node.serving.admit_stream(peer_ip)?;
+        let permits = self.serving.admit_stream(peer_ip)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let node = self.node.clone();
+        let service = self.clone();
         let (requester, dir) = (r.requester, r.dir);
         let hashes = Arc::new(hashes);
         tokio::spawn(async move {
@@ -300,7 +324,7 @@ impl PeerHandler for PeerService {
                     }
                 }
             }
-            node.record_sent(&requester, &dir, sent, chunks);
+            service.record_sent(&requester, &dir, sent, chunks);
         });
         Ok(Box::pin(ServedChunks {
             inner: tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -330,7 +354,7 @@ impl tokio_stream::Stream for ServedChunks {
 
 /// Reads chunks `hashes[from..]` until a batch is half the batch limit;
 /// returns the batch, where it stopped, and the bytes and chunks in it.
-fn read_batch(node: &Node, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usize, u64, u64) {
+fn read_batch(node: &LocalNode, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usize, u64, u64) {
     let local = LocalChunks::for_serving(&node.store, node.roots());
     let mut batch = pb::ChunkBatch::default();
     let (mut size, mut count) = (0usize, 0u64);
@@ -362,22 +386,19 @@ pub struct RemotePeer {
     transport: Arc<dyn Transport>,
     rt: Handle,
     metrics: Metrics,
+    /// Where corrupt chunks are counted against the peer.
+    fleet: Arc<FleetView>,
 }
 
 impl RemotePeer {
-    pub fn new(
-        id: String,
-        address: String,
-        transport: Arc<dyn Transport>,
-        rt: Handle,
-        metrics: Metrics,
-    ) -> RemotePeer {
+    pub fn new(id: String, address: String, fleet: Arc<FleetView>, rt: Handle) -> RemotePeer {
         RemotePeer {
             id,
             address,
-            transport,
+            transport: fleet.transport.clone(),
             rt,
-            metrics,
+            metrics: fleet.metrics.clone(),
+            fleet,
         }
     }
 
@@ -390,6 +411,7 @@ impl RemotePeer {
         req: pb::GetChunksRequest,
         chunks: Vec<ChunkEntry>,
         metrics: Metrics,
+        fleet: Arc<FleetView>,
     ) -> Result<HashMap<Hash, Bytes>, Status> {
         use tokio_stream::StreamExt as _;
         // Expected lengths from the recipe: a chunk of another length is
@@ -418,6 +440,7 @@ impl RemotePeer {
                 // is not worth receiving.
                 if c.data.len() != len as usize {
                     metrics.corrupt_chunks.with_label_values(&["length"]).inc();
+                    fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, expected = len, got = c.data.len(), "peer sent a chunk of the wrong length; rejected as corrupt");
                     return Err(Status::data_loss(format!(
                         "peer {peer} sent chunk {h} of {} bytes, the recipe says {len}",
@@ -427,6 +450,7 @@ impl RemotePeer {
                     out.insert(h, c.data);
                 } else {
                     metrics.corrupt_chunks.with_label_values(&["hash"]).inc();
+                    fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
                 }
             }
@@ -461,6 +485,7 @@ impl ChunkPeer for PeerChunks {
             requester: self.requester.clone(),
         };
         let metrics = self.peer.metrics.clone();
+        let fleet = self.peer.fleet.clone();
         let histogram = self
             .peer
             .metrics
@@ -468,7 +493,7 @@ impl ChunkPeer for PeerChunks {
             .with_label_values(&["get_chunks"]);
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let r = RemotePeer::fetch_chunks(transport, address, id, req, chunks, metrics)
+            let r = RemotePeer::fetch_chunks(transport, address, id, req, chunks, metrics, fleet)
                 .await
                 .map_err(|s| {
                     let text = format!("{}: {}", s.code(), s.message());
@@ -504,9 +529,10 @@ impl NodeSource for RemotePeer {
                 .find(|n| n.id == hash.as_bytes())
                 .map(|n| n.data.to_vec())
                 .filter(|d| !d.is_empty())),
-            Err(s) => Err(StoreError::Io {
-                path: format!("peer {}", self.id).into(),
-                source: std::io::Error::other(format!("fetching manifest node {hash}: {s}")),
+            Err(s) => Err(StoreError::SourceFailed {
+                hash: *hash,
+                origin: chunk_store::Origin::Remote,
+                reason: format!("peer {}: {s}", self.id),
             }),
         }
     }

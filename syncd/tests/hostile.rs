@@ -112,7 +112,8 @@ impl pb::peer_server::Peer for FakeService {
         &self,
         _req: Request<pb::Holdings>,
     ) -> Result<Response<pb::Holdings>, Status> {
-        self.shared.exchanges.fetch_add(1, Ordering::SeqCst);
+        // Every answer a new record (seq), as a node's record changes.
+        let seq = self.shared.exchanges.fetch_add(1, Ordering::SeqCst) + 1;
         let (labels, dirs) = {
             let st = self.shared.state.lock().unwrap();
             (st.labels.clone(), st.holdings.clone())
@@ -124,8 +125,19 @@ impl pb::peer_server::Peer for FakeService {
                 labels,
             }),
             dirs,
-            pulling: Vec::new(),
+            protocol: 2,
+            incarnation: 1,
+            seq,
+            ..Default::default()
         }))
+    }
+
+    async fn gossip(
+        &self,
+        _req: Request<pb::GossipRequest>,
+    ) -> Result<Response<pb::GossipReply>, Status> {
+        // Takes no part in gossip: it is known only through Exchange.
+        Err(Status::unimplemented("the fake peer does not gossip"))
     }
 
     async fn get_nodes(

@@ -1,6 +1,6 @@
 //! The operator's surface against real daemons: `syncctl` over the real
 //! admin socket (status, peers, dirs, pause/resume, rescan, revert, wait and
-//! its exit codes), SWIM noticing a killed node, post-sync hooks with their
+//! its exit codes, fleet), SWIM noticing a killed node, post-sync hooks with their
 //! timeout, completions and the man page.
 
 use std::fs;
@@ -274,4 +274,73 @@ fn hooks_run_after_each_version_and_never_block_sync() {
     });
     let body = http_get(&addr, "/metrics").unwrap();
     assert!(metric(&body, "syncd_errors_total{dir=\"www\",kind=\"hook\"}") >= 2.0);
+}
+
+/// `syncctl fleet` on any node shows every node × directory from gossip:
+/// a replica that knows only the source lists the other replica too, with
+/// its version, lag and state, grouped by zone; `--json` and one
+/// directory alone.
+#[test]
+fn syncctl_fleet_shows_every_node_from_any_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = ("127.0.0.81", "127.0.0.82", "127.0.0.83");
+    let zone = |z: &str| format!("labels = {{ region = \"eu\", zone = \"{z}\" }}");
+    let src = Daemon::with(tmp.path(), "src", a, "source", &[], &zone("z1"), "");
+    fs::write(src.data.join("index.html"), b"fleet view").unwrap();
+    let r1 = Daemon::with(tmp.path(), "r1", b, "replica", &[a], &zone("z1"), "");
+    let r2 = Daemon::with(tmp.path(), "r2", c, "replica", &[a], &zone("z2"), "");
+    converge(&src, &[&r1, &r2], "initial sync");
+    let version = dir0(&ctl_json(&src, &["status"]))["local_version"]
+        .as_u64()
+        .unwrap();
+    // Records travel by gossip: r2 sees r1's, though neither names the
+    // other, and every node at the source's version with lag 0.
+    let fleet = until(
+        30,
+        "r2's fleet view showing all three at the version",
+        || {
+            let f = ctl_json(&r2, &["fleet"]);
+            let nodes = f["nodes"].as_array()?.clone();
+            let at: Vec<String> = nodes
+                .iter()
+                .filter(|n| {
+                    n["dirs"].as_array().is_some_and(|d| {
+                        d.iter().any(|d| {
+                            d["dir"] == "www"
+                                && d["version"].as_u64() == Some(version)
+                                && d["lag"].as_u64() == Some(0)
+                        })
+                    })
+                })
+                .map(|n| n["node_id"].as_str().unwrap_or("").to_string())
+                .collect();
+            (at.len() == 3).then_some(f)
+        },
+    );
+    assert_eq!(fleet["node_id"], "r2");
+    let ids: Vec<&str> = fleet["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_str().unwrap())
+        .collect();
+    // Sorted by region, zone, id: z1 (r1, src), then z2 (r2).
+    assert_eq!(ids, ["r1", "src", "r2"]);
+    let me = &fleet["nodes"][2];
+    assert_eq!(me["state"], "self");
+    assert_eq!(fleet["nodes"][1]["state"], "alive");
+    assert_eq!(fleet["nodes"][1]["dirs"][0]["mode"], "source");
+    assert_eq!(me["dirs"][0]["state"], "idle");
+    // The text groups by region and zone.
+    let (code, out, err) = ctl(&r2, &["fleet", "www"]);
+    assert_eq!(code, 0, "{err}");
+    let z1 = out.find("region eu / zone z1").expect(&out);
+    let z2 = out.find("region eu / zone z2").expect(&out);
+    assert!(
+        z1 < z2 && out[z1..z2].contains("src") && out[z2..].contains("r2"),
+        "{out}"
+    );
+    // An unknown directory lists nobody.
+    let none = ctl_json(&r2, &["fleet", "nosuch"]);
+    assert_eq!(none["nodes"].as_array().map(Vec::len), Some(0));
 }

@@ -51,6 +51,13 @@ enum Command {
     Peers,
     /// The directories this node syncs.
     Dirs,
+    /// Every node x directory of the fleet, as gossip brings it to this
+    /// node: version, state, lag behind the newest, rate; grouped by
+    /// region and zone.
+    Fleet {
+        /// Only this directory.
+        dir: Option<String>,
+    },
     /// Stop scanning, publishing and pulling a directory (files untouched).
     Pause(Targets),
     /// Undo pause.
@@ -189,6 +196,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&p)?;
             } else {
                 print!("{}", peers_text(&p));
+            }
+        }
+        Command::Fleet { dir } => {
+            let f = client
+                .fleet(pba::FleetRequest {
+                    dir: dir.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if cli.json {
+                print_json(&f)?;
+            } else {
+                print!("{}", fleet_text(&f));
             }
         }
         Command::Dirs => {
@@ -363,6 +384,79 @@ fn peers_text(p: &pba::PeersReply) -> String {
         ]);
     }
     format!("{t}\n")
+}
+
+fn fleet_text(f: &pba::FleetReply) -> String {
+    let mut out = String::new();
+    let mut group = None;
+    let mut t = table(&[
+        "NODE",
+        "STATE",
+        "DIR",
+        "MODE",
+        "VERSION",
+        "LAG",
+        "DIR STATE",
+        "RATE",
+        "PENDING",
+        "LAST ERROR",
+    ]);
+    let label =
+        |n: &pba::FleetNode, k: &str| n.labels.get(k).cloned().unwrap_or_else(|| "-".into());
+    for n in &f.nodes {
+        let g = (label(n, "region"), label(n, "zone"));
+        if group.as_ref() != Some(&g) {
+            if group.is_some() {
+                out.push_str(&format!("{t}\n\n"));
+                t = table(&[
+                    "NODE",
+                    "STATE",
+                    "DIR",
+                    "MODE",
+                    "VERSION",
+                    "LAG",
+                    "DIR STATE",
+                    "RATE",
+                    "PENDING",
+                    "LAST ERROR",
+                ]);
+            }
+            out.push_str(&format!("region {} / zone {}\n", g.0, g.1));
+            group = Some(g);
+        }
+        for d in &n.dirs {
+            t.add_row(vec![
+                n.node_id.clone(),
+                n.state.clone(),
+                d.dir.clone(),
+                d.mode.clone(),
+                if d.version == 0 {
+                    "-".into()
+                } else {
+                    d.version.to_string()
+                },
+                d.lag.to_string(),
+                d.state.clone(),
+                if d.rate_bytes_per_second > 0.0 {
+                    format!("{}/s", bytes(d.rate_bytes_per_second as u64))
+                } else {
+                    "-".into()
+                },
+                if d.pending_bytes > 0 {
+                    bytes(d.pending_bytes)
+                } else {
+                    "-".into()
+                },
+                d.last_error.chars().take(60).collect(),
+            ]);
+        }
+    }
+    if group.is_some() {
+        out.push_str(&format!("{t}\n"));
+    } else {
+        out.push_str("no nodes known\n");
+    }
+    out
 }
 
 async fn control(

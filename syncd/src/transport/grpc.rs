@@ -67,6 +67,10 @@ impl Transport for GrpcTransport {
         Ok(self.client(to)?.exchange(h).await?.into_inner())
     }
 
+    async fn gossip(&self, to: &str, r: pb::GossipRequest) -> Result<pb::GossipReply, Status> {
+        Ok(self.client(to)?.gossip(r).await?.into_inner())
+    }
+
     async fn get_nodes(
         &self,
         to: &str,
@@ -128,6 +132,16 @@ impl pb::peer_server::Peer for GrpcServer {
         let c = caller(&req);
         Ok(Response::new(
             self.handler.exchange(c, req.into_inner()).await?,
+        ))
+    }
+
+    async fn gossip(
+        &self,
+        req: Request<pb::GossipRequest>,
+    ) -> Result<Response<pb::GossipReply>, Status> {
+        let c = caller(&req);
+        Ok(Response::new(
+            self.handler.gossip(c, req.into_inner()).await?,
         ))
     }
 

@@ -112,6 +112,11 @@ impl MemNet {
             .unwrap_or(0)
     }
 
+    /// Encoded bytes of every call on the network.
+    pub fn bytes_from_all(&self) -> u64 {
+        self.net.locked().bytes.values().sum()
+    }
+
     /// Encoded bytes of every call made by `from`, to anyone.
     pub fn bytes_from(&self, from: &str) -> u64 {
         self.net
@@ -182,6 +187,13 @@ impl Transport for MemTransport {
         let r = handler.exchange(self.caller(), h).await?;
         self.net.count(&self.me, to, r.encoded_len());
         Ok(r)
+    }
+
+    async fn gossip(&self, to: &str, r: pb::GossipRequest) -> Result<pb::GossipReply, Status> {
+        let handler = self.route(to, r.encoded_len()).await?;
+        let reply = handler.gossip(self.caller(), r).await?;
+        self.net.count(&self.me, to, reply.encoded_len());
+        Ok(reply)
     }
 
     async fn get_nodes(

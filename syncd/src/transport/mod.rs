@@ -9,9 +9,9 @@
 //! simulation shows holds for the daemon.
 //!
 //! ```text
-//!  node ── Transport::exchange/get_nodes/get_chunks/swim ──> (grpc | mem)
+//!  node ── Transport::exchange/gossip/get_nodes/get_chunks/swim ──> (grpc | mem)
 //!                                                              │
-//!  peer <── PeerHandler::exchange/get_nodes/get_chunks/swim <──┘
+//!  peer <── PeerHandler::exchange/gossip/get_nodes/get_chunks/swim <──┘
 //! ```
 //!
 //! Errors are `tonic::Status` on both sides: the codes are the protocol's
@@ -28,6 +28,13 @@ use tonic::Status;
 pub mod grpc;
 pub mod mem;
 
+/// Most node ids or chunk hashes one request may name (PROTOCOL.md).
+pub const MAX_NODES_PER_CALL: usize = 256;
+pub const MAX_CHUNKS_PER_CALL: usize = 1024;
+/// A chunk batch on the wire stays under this (plus framing); chunks are
+/// at most 256 KiB with the default chunker.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
 /// The batches of one `GetChunks` answer.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChunkBatch, Status>> + Send>>;
 
@@ -43,6 +50,8 @@ pub struct Caller {
 #[tonic::async_trait]
 pub trait PeerHandler: Send + Sync + 'static {
     async fn exchange(&self, caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status>;
+    async fn gossip(&self, caller: Caller, r: pb::GossipRequest)
+    -> Result<pb::GossipReply, Status>;
     async fn get_nodes(
         &self,
         caller: Caller,
@@ -60,6 +69,7 @@ pub trait PeerHandler: Send + Sync + 'static {
 #[tonic::async_trait]
 pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     async fn exchange(&self, to: &str, h: pb::Holdings) -> Result<pb::Holdings, Status>;
+    async fn gossip(&self, to: &str, r: pb::GossipRequest) -> Result<pb::GossipReply, Status>;
     async fn get_nodes(
         &self,
         to: &str,

@@ -43,7 +43,18 @@ impl PeerHandler for Fixed {
                 entries: 1,
                 bytes: 2,
             }],
-            pulling: vec![],
+            ..Default::default()
+        })
+    }
+
+    async fn gossip(&self, _: Caller, r: pb::GossipRequest) -> Result<pb::GossipReply, Status> {
+        // Echoes the digest back as the one bucket, and the caller's keys
+        // as wants.
+        Ok(pb::GossipReply {
+            protocol: r.protocol,
+            buckets: vec![r.digest],
+            want: r.keys.into_iter().map(|k| k.node_id).collect(),
+            ..Default::default()
         })
     }
 
@@ -97,8 +108,7 @@ impl PeerHandler for Fixed {
 async fn suite(t: &dyn Transport, to: &str, unreachable: &str, peer: &Fixed) {
     let h = pb::Holdings {
         from: Some(member("client")),
-        dirs: vec![],
-        pulling: vec![],
+        ..Default::default()
     };
     let back = t.exchange(to, h).await.unwrap();
     assert_eq!(back.from.unwrap().node_id, "server");
@@ -108,6 +118,27 @@ async fn suite(t: &dyn Transport, to: &str, unreachable: &str, peer: &Fixed) {
     let e = t.exchange(to, pb::Holdings::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("without sender"), "{e}");
+
+    let g = t
+        .gossip(
+            to,
+            pb::GossipRequest {
+                protocol: 9,
+                digest: 0xfeed,
+                keys: vec![pb::RecordKey {
+                    node_id: "n1".into(),
+                    incarnation: 1,
+                    seq: 2,
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (g.protocol, g.buckets, g.want),
+        (9, vec![0xfeed], vec!["n1".to_string()])
+    );
 
     let ids = vec![vec![1, 2, 3], vec![4, 5]];
     let r = t

@@ -104,6 +104,7 @@ enum Input {
 #[derive(Debug, Clone)]
 pub struct Swim {
     tx: mpsc::Sender<Input>,
+    task: tokio::task::AbortHandle,
 }
 
 impl std::fmt::Debug for Input {
@@ -151,9 +152,16 @@ impl Swim {
         rng: StdRng,
     ) -> Swim {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let swim = Swim { tx: tx.clone() };
-        tokio::spawn(run(me, bootstrap, members, transport, rng, tx, rx));
-        swim
+        let task = tokio::spawn(run(me, bootstrap, members, transport, rng, tx.clone(), rx));
+        Swim {
+            tx,
+            task: task.abort_handle(),
+        }
+    }
+
+    /// Ends the SWIM task without a goodbye (a crash, in the simulation).
+    pub fn abort(&self) {
+        self.task.abort();
     }
 
     /// A packet from a peer (dropped when the queue is full).

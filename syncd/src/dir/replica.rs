@@ -1,0 +1,393 @@
+//! A replica directory's policy: the fleet's newest version is the truth.
+//! It pulls a newer version from the peers that hold it (diff against the
+//! nearest full holder, chunks from several holders at once, applied
+//! atomically file by file), and reports local edits instead of
+//! publishing them (`syncctl revert` restores the version).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use chunk_store::indexer::{self, ScanReport};
+use chunk_store::{Hash, manifest};
+use sync_proto::pb;
+
+use super::state::{DirState, Phase, Retry};
+use crate::error::SyncError;
+use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
+use crate::fleet::Holder;
+use crate::local::LocalNode;
+use crate::materialize::{self, InFlight, LocalChunks};
+use crate::peer::{PeerChunks, RemotePeer};
+
+/// Most peers one transfer fetches from at once.
+pub const MAX_SOURCES: usize = 4;
+/// Remote manifest nodes kept during one pull (diff and apply), so pages a
+/// tree references many times are fetched once.
+const NODE_CACHE_BYTES: usize = 64 << 20;
+
+/// What a finished scan means on a replica: content that differs from
+/// the version it holds is a local edit, reported, never published.
+pub(super) fn scanned(node: &LocalNode, dir: &DirState, report: &ScanReport) {
+    match dir.current() {
+        Some(v) if v.root != report.root.as_bytes() => {
+            tracing::warn!(dir = %dir.id, path = %dir.path.display(), holds = v.version, "local edits on a replica: its content differs from the version it received");
+            dir.set_error(format!(
+                "local edits: the content differs from version {} (syncctl revert {} restores it)",
+                v.version, dir.id
+            ));
+            node.metrics
+                .errors
+                .with_label_values(&[&dir.id, "local_edits"])
+                .inc();
+        }
+        _ => dir.set_phase(Phase::Idle),
+    }
+}
+
+/// A version newer than what this replica holds, with the peers to get
+/// it from: those that failed at it last, then full holders before
+/// partial ones, nearest first.
+pub(super) fn newer(
+    node: &LocalNode,
+    dir: &DirState,
+    retry: &Retry,
+) -> Option<(pb::DirVersion, Vec<Holder>)> {
+    let ours = dir.current().map_or(0, |v| v.version);
+    let best = node.fleet.newest(&dir.id).filter(|v| v.version > ours)?;
+    let mut holders = node.fleet.holders(&best);
+    let failed = retry.failed_at(&best);
+    holders.sort_by_key(|h| failed.contains(&h.id));
+    holders.truncate(MAX_SOURCES);
+    Some((best, holders))
+}
+
+/// Brings a replica to `version` from the peers that hold it. `involved`
+/// collects the peers that took part, for the retry's ordering.
+pub(super) fn pull(
+    node: &LocalNode,
+    dir: &DirState,
+    version: &pb::DirVersion,
+    holders: &[Holder],
+    rt: &tokio::runtime::Handle,
+    involved: &mut HashSet<String>,
+) -> Result<(), SyncError> {
+    dir.set_phase(Phase::Syncing);
+    let started = std::time::Instant::now();
+    /// Undoes what a pull advertises and registers, also when it panics:
+    /// otherwise the node would keep claiming to be receiving the version.
+    struct Cleanup<'a>(&'a LocalNode, &'a DirState);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            self.1.progress.clear();
+            self.1.update(|s| s.pulling = None);
+            self.0.end_transfer(&self.1.id);
+        }
+    }
+    let cleanup = Cleanup(node, dir);
+    let mut list = Vec::new();
+    let result = transfer(node, dir, version, holders, rt, started, &mut list);
+    drop(cleanup);
+    involved.extend(list);
+    match &result {
+        Ok(()) => {
+            dir.update(|s| {
+                s.current = Some(version.clone());
+                s.phase = Phase::Idle;
+                s.reason.clear();
+            });
+            node.metrics
+                .sync_duration
+                .with_label_values(&[&dir.id])
+                .observe(started.elapsed().as_secs_f64());
+            dir.synced.send_replace(Some(version.clone()));
+        }
+        Err(e) => {
+            dir.set_error(format!("syncing version {}: {e}", version.version));
+            node.metrics
+                .errors
+                .with_label_values(&[&dir.id, "sync"])
+                .inc();
+        }
+    }
+    result
+}
+
+/// Bytes of free space a diff needs on the directory's file system:
+/// every added file in full, the growth of modified ones, and room for the
+/// largest temp copy of a modified file while its old version still
+/// exists (removals only free space at the end).
+fn space_needed(diff: &manifest::Diff) -> u64 {
+    let size = |m: &Option<manifest::EntryMeta>| match m {
+        Some(manifest::EntryMeta::File { size, .. }) => *size,
+        _ => 0,
+    };
+    let (mut total, mut temp) = (0u64, 0u64);
+    for c in &diff.changes {
+        let (old, new) = (size(&c.local), size(&c.remote));
+        match c.kind {
+            manifest::ChangeKind::Added => total = total.saturating_add(new),
+            manifest::ChangeKind::Modified => {
+                total = total.saturating_add(new.saturating_sub(old));
+                temp = temp.max(new.min(old));
+            }
+            manifest::ChangeKind::Removed => {}
+        }
+    }
+    total.saturating_add(temp)
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Checks what a diff would apply against the directory's policy: file
+/// sizes and set-id bits. Errors name the path and the peer.
+fn check_changes(dir: &DirState, diff: &manifest::Diff, peer: &str) -> Result<(), SyncError> {
+    for c in &diff.changes {
+        if let Some(manifest::EntryMeta::File { mode, size, .. }) = &c.remote {
+            if *size > dir.limits.max_file_size {
+                return Err(SyncError::Policy(format!(
+                    "{:?} from peer {peer} is {size} bytes, more than max_file_size ({} bytes) of {:?}",
+                    c.path, dir.limits.max_file_size, dir.id
+                )));
+            }
+            if !dir.limits.allow_setid && mode & indexer::SETID_BITS != 0 {
+                return Err(SyncError::Policy(format!(
+                    "{:?} from peer {peer} has mode {mode:o} with set-user-id/set-group-id bits, \
+                     which directory {:?} does not allow (allow_setid = true in its dirs.d file)",
+                    c.path, dir.id
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn transfer(
+    node: &LocalNode,
+    dir: &DirState,
+    version: &pb::DirVersion,
+    holders: &[Holder],
+    rt: &tokio::runtime::Handle,
+    started: std::time::Instant,
+    involved: &mut Vec<String>,
+) -> Result<(), SyncError> {
+    let publisher = &version.publisher;
+    let remote_root = Hash::from_slice(&version.root).ok_or_else(|| {
+        SyncError::peer(
+            publisher,
+            format!("version {} of {:?}", version.version, dir.id),
+            "root is not 32 bytes",
+        )
+    })?;
+    if version.entries > dir.limits.max_entries {
+        return Err(SyncError::Policy(format!(
+            "version {} of {:?} (publisher {publisher}) declares {} entries, more than max_entries ({})",
+            version.version, dir.id, version.entries, dir.limits.max_entries
+        )));
+    }
+    let scanning = || format!("scanning directory {:?} at {}", dir.id, dir.path.display());
+    let local = node
+        .scan(&dir.id, &dir.path, dir.scan_options())
+        .map_err(|e| SyncError::store(scanning(), None, e))?;
+    let peers: Vec<RemotePeer> = holders
+        .iter()
+        .map(|h| {
+            RemotePeer::new(
+                h.id.clone(),
+                h.address.clone(),
+                node.fleet.clone(),
+                rt.clone(),
+            )
+        })
+        .collect();
+    // The manifest comes from a full holder (the nearest).
+    let (first, _) = peers
+        .iter()
+        .zip(holders)
+        .find(|(_, h)| !h.partial)
+        .ok_or_else(|| {
+            SyncError::Local(format!(
+                "no live peer holds version {} of {:?}",
+                version.version, dir.id
+            ))
+        })?;
+    involved.push(first.id.clone());
+    let store = &node.store;
+    let min_chunk = store.chunker().min();
+    // Pages may repeat (the tree is a DAG): each distinct node is fetched
+    // once, and the walk is bounded by what the version declares.
+    let remote = manifest::CachedNodes::new(first, NODE_CACHE_BYTES);
+    // What the version declares, but never more bytes than could be on
+    // this disk once applied (what is here now plus the free space): a
+    // peer declaring 2^64 bytes gets no larger a budget than that.
+    let free = free_space(&dir.path)
+        .map_err(|e| SyncError::fs(&dir.path, "free space on its file system", e))?;
+    let room = local
+        .bytes
+        .saturating_add(free.saturating_sub(dir.limits.min_free_space));
+    let limits = manifest::DiffLimits::declared(version.entries, version.bytes, min_chunk)
+        .on_disk(room, min_chunk);
+    let mut probe = store.chunk_probe();
+    let diff = manifest::diff_limited(
+        &**store,
+        Some(local.root),
+        &remote,
+        Some(remote_root),
+        &mut |h| probe.has(h),
+        limits,
+    )
+    .map_err(|e| {
+        SyncError::store(
+            format!("diff of {:?} against peer {}", dir.id, first.id),
+            Some(&first.id),
+            e,
+        )
+    })?;
+    drop(probe);
+    check_changes(dir, &diff, &first.id)?;
+    let needed = space_needed(&diff);
+    if needed.saturating_add(dir.limits.min_free_space) > free {
+        return Err(SyncError::Policy(format!(
+            "version {} of {:?} from peer {} does not fit: it needs {needed} bytes of free space on \
+             the file system of {}, which has {free} free and keeps {} (min_free_space)",
+            version.version,
+            dir.id,
+            first.id,
+            dir.path.display(),
+            dir.limits.min_free_space
+        )));
+    }
+    let diffed = started.elapsed();
+    let p = &dir.progress;
+    p.bytes_total.store(
+        diff.missing_chunks.iter().map(|c| u64::from(c.len)).sum(),
+        Ordering::Relaxed,
+    );
+    p.files_total.store(
+        diff.changes
+            .iter()
+            .filter(|c| matches!(c.remote, Some(manifest::EntryMeta::File { .. })))
+            .count() as u64,
+        Ordering::Relaxed,
+    );
+    p.files_done.store(0, Ordering::Relaxed);
+    p.received_at_start
+        .store(p.received.load(Ordering::Relaxed), Ordering::Relaxed);
+    // This transfer's written chunks, served to peers until the index
+    // takes over (removed by the pull's cleanup).
+    let in_flight = Arc::new(InFlight::default());
+    node.begin_transfer(&dir.id, in_flight.clone());
+    // Advertised (and pushed) once peers can fetch what is written.
+    dir.update(|s| s.pulling = Some(version.clone()));
+    let local_chunks = LocalChunks::new(store, node.roots());
+    let sources: Vec<Arc<dyn ChunkPeer>> = peers
+        .iter()
+        .map(|p| {
+            Arc::new(PeerChunks {
+                peer: p.clone(),
+                dir: dir.id.clone(),
+                requester: node.id.clone(),
+            }) as Arc<dyn ChunkPeer>
+        })
+        .collect();
+    let fetcher = Fetcher::start(
+        rt,
+        &diff.missing_chunks,
+        sources,
+        FetchConfig::default(),
+        p.received.clone(),
+    );
+    let applied = materialize::apply(
+        &dir.path,
+        &diff,
+        &remote,
+        &[&local_chunks, &*in_flight, &fetcher],
+        &in_flight,
+        &p.files_done,
+        materialize::ApplyOptions {
+            min_chunk,
+            allow_setid: dir.limits.allow_setid,
+            stop: Some(dir.stopping.clone()),
+        },
+    );
+    involved.extend(fetcher.failed_peers());
+    // Account what arrived, whether or not the apply completed.
+    for ((id, bytes), chunks) in fetcher
+        .received_by_peer()
+        .into_iter()
+        .zip(fetcher.chunks_by_peer())
+    {
+        let class = node.fleet.class_of(&id);
+        node.fleet.add_traffic(&id, 0, bytes);
+        let labels = [dir.id.as_str(), class.as_str()];
+        node.metrics
+            .received_bytes
+            .with_label_values(&labels)
+            .inc_by(bytes);
+        node.metrics
+            .received_chunks
+            .with_label_values(&labels)
+            .inc_by(chunks);
+    }
+    let mut report = applied.map_err(|source| {
+        let from: Vec<&str> = holders.iter().map(|h| h.id.as_str()).collect();
+        SyncError::Apply {
+            context: format!(
+                "materializing {:?} version {} from peer{} {}",
+                dir.id,
+                version.version,
+                if from.len() == 1 { "" } else { "s" },
+                from.join(", ")
+            ),
+            source,
+        }
+    })?;
+    let (m, id) = (&node.metrics, [dir.id.as_str()]);
+    m.files_materialized
+        .with_label_values(&id)
+        .inc_by(report.files_written);
+    m.reused_chunks
+        .with_label_values(&id)
+        .inc_by(report.reused_chunks);
+    if report.corrupt_chunks > 0 {
+        node.metrics
+            .errors
+            .with_label_values(&[&dir.id, "corrupt_chunk"])
+            .inc_by(report.corrupt_chunks);
+    }
+    let applied_at = started.elapsed();
+    // Files just written are recorded from what was written, not read
+    // again; anything touched since is read as usual.
+    let opts = indexer::ScanOptions {
+        known: std::mem::take(&mut report.known),
+        ..dir.scan_options()
+    };
+    let after = node
+        .scan(&dir.id, &dir.path, opts)
+        .map_err(|e| SyncError::store(scanning(), None, e))?;
+    if after.root != remote_root {
+        return Err(SyncError::Local(format!(
+            "after applying version {} of {:?} the root is {}, expected {}",
+            version.version, dir.id, after.root, remote_root
+        )));
+    }
+    tracing::info!(
+        dir = %dir.id,
+        version = version.version,
+        files = report.files_written,
+        bytes = report.bytes_written,
+        removed = report.removed,
+        received_bytes = fetcher.received(),
+        from = ?fetcher.received_by_peer(),
+        nodes_visited = diff.nodes_visited,
+        diff_s = diffed.as_secs_f64(),
+        apply_s = (applied_at - diffed).as_secs_f64(),
+        total_s = started.elapsed().as_secs_f64(),
+        "applied version"
+    );
+    Ok(())
+}

@@ -1,0 +1,850 @@
+//! The fleet view: every peer this node knows, the record each one last
+//! published (its directory versions and what its directories are doing),
+//! and this node's own record. It is the one place records enter — from
+//! a peer directly (`Exchange`) or relayed by gossip — and they are
+//! validated here ([`crate::wire::check_record`]; signatures will be
+//! checked here too). Replicas ask it for the newest version of a
+//! directory and who holds it; `syncctl status`, `peers` and `fleet` read
+//! it; [`gossip`] keeps it in step with the rest of the fleet.
+//!
+//! A record is keyed by (incarnation, seq): the owner's start time and a
+//! counter it raises with each change, so a larger key always replaces a
+//! smaller one wherever the record travels. Liveness is SWIM's call
+//! ([`membership`]); records of members SWIM declared down stay out of the
+//! digest and out of source choice, and are forgotten after [`DEAD_TTL`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use prost::Message as _;
+use sync_proto::pb;
+use tokio::sync::Notify;
+
+use crate::env::Env;
+use crate::error::Refusal;
+use crate::locks::LockExt as _;
+use crate::metrics::Metrics;
+use crate::topology::PeerClass;
+use crate::transport::Transport;
+use crate::wire;
+
+pub mod gossip;
+pub mod membership;
+pub mod peer;
+
+pub use membership::{Ident, Liveness, Members, Swim};
+
+/// A peer down this long is forgotten (its entry, record and channel), so
+/// departed members do not accumulate.
+pub const DEAD_TTL: Duration = Duration::from_secs(600);
+/// Most peers this node keeps track of; members beyond are ignored until
+/// others are forgotten.
+pub const MAX_PEERS: usize = 10_000;
+/// Most bytes of records kept in all (each is at most
+/// [`wire::MAX_RECORD_BYTES`]); a new peer's record beyond is refused.
+pub const MAX_VIEW_BYTES: usize = 128 << 20;
+/// Digest buckets: a record's bucket is fixed by its node id.
+pub const BUCKETS: usize = 64;
+/// A peer SWIM has not reported yet (heard of only through `Exchange`,
+/// e.g. just before a partition) counts as dead this long after it was
+/// last heard from.
+const UNCONFIRMED_FOR: Duration = Duration::from_secs(15);
+/// Changes of rate and pending bytes alone enter this node's record at
+/// most this often (they change every second during a transfer; versions
+/// and states enter at once).
+const SOFT_EVERY: Duration = Duration::from_secs(5);
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// Its latest record (absent until one arrives).
+    pub record: Option<Arc<pb::Holdings>>,
+    /// The record key's digest and the peer's bucket.
+    hash: u64,
+    bucket: usize,
+    /// From SWIM, once SWIM has reported the peer (`swim`).
+    pub state: Liveness,
+    pub swim: bool,
+    /// Last direct exchange with it (on the environment's clock).
+    pub heard: tokio::time::Instant,
+    /// Gossip round trip, smoothed (0: not measured).
+    pub rtt_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Chunks it sent that failed their length or hash check.
+    pub corrupt_chunks: u64,
+    /// When SWIM declared it down (for forgetting it after [`DEAD_TTL`]).
+    pub down_since: Option<tokio::time::Instant>,
+}
+
+impl PeerState {
+    fn new(address: String, now: tokio::time::Instant) -> PeerState {
+        PeerState {
+            address,
+            labels: BTreeMap::new(),
+            record: None,
+            hash: 0,
+            bucket: 0,
+            state: Liveness::Alive,
+            swim: false,
+            heard: now,
+            rtt_ms: 0.0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            corrupt_chunks: 0,
+            down_since: None,
+        }
+    }
+
+    /// SWIM's verdict; for a peer SWIM has not reported, alive while its
+    /// direct exchanges keep succeeding.
+    pub fn liveness(&self) -> Liveness {
+        if self.swim {
+            self.state
+        } else if self.heard.elapsed() < UNCONFIRMED_FOR {
+            Liveness::Alive
+        } else {
+            Liveness::Down
+        }
+    }
+
+    pub fn live(&self) -> bool {
+        self.liveness() != Liveness::Down
+    }
+
+    /// Whether it has been down long enough to be forgotten.
+    fn expired(&self) -> bool {
+        if self.swim {
+            self.state == Liveness::Down && self.down_since.is_some_and(|t| t.elapsed() >= DEAD_TTL)
+        } else {
+            self.heard.elapsed() >= UNCONFIRMED_FOR + DEAD_TTL
+        }
+    }
+
+    /// The version of `dir` it holds completely.
+    pub fn held(&self, dir: &str) -> Option<&pb::DirVersion> {
+        self.record.as_ref()?.dirs.iter().find(|v| v.dir == dir)
+    }
+
+    /// The version of `dir` it is receiving.
+    pub fn pulling(&self, dir: &str) -> Option<&pb::DirVersion> {
+        self.record.as_ref()?.pulling.iter().find(|v| v.dir == dir)
+    }
+
+    fn key(&self) -> (u64, u64) {
+        self.record
+            .as_ref()
+            .map_or((0, 0), |r| (r.incarnation, r.seq))
+    }
+}
+
+/// One of this node's directories as its record shows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnDir {
+    pub held: Option<pb::DirVersion>,
+    pub pulling: Option<pb::DirVersion>,
+    pub report: pb::DirReport,
+}
+
+impl OwnDir {
+    /// Whether `other` differs in more than rate and pending bytes.
+    fn differs_hard(&self, other: &OwnDir) -> bool {
+        let strip = |d: &OwnDir| {
+            let mut d = d.clone();
+            d.report.rate = 0.0;
+            d.report.pending_bytes = 0;
+            d
+        };
+        strip(self) != strip(other)
+    }
+}
+
+/// A peer to fetch a version from.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub id: String,
+    pub address: String,
+    pub class: PeerClass,
+    /// Only part of the version (it is receiving it too).
+    pub partial: bool,
+}
+
+/// How a record arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via<'a> {
+    /// From its owner, in an `Exchange`.
+    Direct,
+    /// Relayed by gossip from the named peer.
+    Relay(&'a str),
+}
+
+#[derive(Debug)]
+struct Own {
+    seq: u64,
+    dirs: BTreeMap<String, OwnDir>,
+    /// Changes of rate and pending bytes not yet in the record.
+    soft: BTreeMap<String, OwnDir>,
+    soft_at: tokio::time::Instant,
+    record: Arc<pb::Holdings>,
+    hash: u64,
+}
+
+#[derive(Debug)]
+struct Table {
+    peers: HashMap<String, PeerState>,
+    /// Encoded bytes of every record in `peers`.
+    bytes: usize,
+    own: Own,
+    /// Records to push to a few peers at once, with the peers to skip.
+    pushes: Vec<(Arc<pb::Holdings>, Vec<String>)>,
+    /// The highest version of each directory any record has shown (a
+    /// record raising it is news, forwarded at once); at most
+    /// [`MAX_SEEN_DIRS`] directories.
+    seen: HashMap<String, u64>,
+}
+
+/// Most directories whose highest version is remembered for forwarding.
+const MAX_SEEN_DIRS: usize = 1 << 16;
+
+/// The fleet as this node sees it.
+pub struct FleetView {
+    pub id: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// This node's start (ms since the epoch): its records' incarnation
+    /// and its SWIM identity's bump.
+    pub incarnation: u64,
+    bootstrap: Vec<String>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) env: Arc<Env>,
+    pub(crate) metrics: Metrics,
+    table: Mutex<Table>,
+    /// Woken when a record changes (replicas look for newer versions).
+    pub learned: Notify,
+    /// Woken when there is something to push.
+    pushed: Notify,
+    pub swim: OnceLock<Swim>,
+}
+
+impl std::fmt::Debug for FleetView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetView").field("id", &self.id).finish()
+    }
+}
+
+/// The 64-bit digest of a record key, and its bucket.
+fn key_hash(node: &str, incarnation: u64, seq: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(node.as_bytes());
+    h.update(&[0]);
+    h.update(&incarnation.to_le_bytes());
+    h.update(&seq.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+fn bucket_of(node: &str) -> usize {
+    blake3::hash(node.as_bytes()).as_bytes()[0] as usize % BUCKETS
+}
+
+fn record_hash(r: &pb::Holdings) -> u64 {
+    let id = r.from.as_ref().map_or("", |m| m.node_id.as_str());
+    key_hash(id, r.incarnation, r.seq)
+}
+
+impl FleetView {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        address: String,
+        labels: BTreeMap<String, String>,
+        incarnation: u64,
+        bootstrap: Vec<String>,
+        transport: Arc<dyn Transport>,
+        env: Arc<Env>,
+        metrics: Metrics,
+    ) -> FleetView {
+        let now = env.now();
+        let mut view = FleetView {
+            id,
+            address,
+            labels,
+            incarnation,
+            bootstrap,
+            transport,
+            env,
+            metrics,
+            table: Mutex::new(Table {
+                peers: HashMap::new(),
+                bytes: 0,
+                own: Own {
+                    seq: 1,
+                    dirs: BTreeMap::new(),
+                    soft: BTreeMap::new(),
+                    soft_at: now,
+                    record: Arc::new(pb::Holdings::default()),
+                    hash: 0,
+                },
+                pushes: Vec::new(),
+                seen: HashMap::new(),
+            }),
+            learned: Notify::new(),
+            pushed: Notify::new(),
+            swim: OnceLock::new(),
+        };
+        let record = {
+            let t = view.table.get_mut().expect("new");
+            Arc::new(pb::Holdings {
+                from: Some(pb::Member {
+                    node_id: view.id.clone(),
+                    address: view.address.clone(),
+                    labels: view.labels.clone().into_iter().collect(),
+                }),
+                protocol: wire::PROTOCOL,
+                incarnation: view.incarnation,
+                seq: t.own.seq,
+                ..Default::default()
+            })
+        };
+        let own = &mut view.table.get_mut().expect("new").own;
+        own.hash = record_hash(&record);
+        own.record = record;
+        view
+    }
+
+    fn own_member(&self) -> pb::Member {
+        pb::Member {
+            node_id: self.id.clone(),
+            address: self.address.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+        }
+    }
+
+    fn build_own(&self, own: &Own) -> Arc<pb::Holdings> {
+        Arc::new(pb::Holdings {
+            from: Some(self.own_member()),
+            dirs: own.dirs.values().filter_map(|d| d.held.clone()).collect(),
+            pulling: own
+                .dirs
+                .values()
+                .filter_map(|d| d.pulling.clone())
+                .collect(),
+            protocol: wire::PROTOCOL,
+            incarnation: self.incarnation,
+            seq: own.seq,
+            reports: own.dirs.values().map(|d| d.report.clone()).collect(),
+        })
+    }
+
+    /// This node's record as peers get it.
+    pub fn own_record(&self) -> Arc<pb::Holdings> {
+        self.table.locked().own.record.clone()
+    }
+
+    /// Records what one of this node's directories holds and does. A new
+    /// version, state or error enters the record at once and is pushed
+    /// to a few peers; rate and pending bytes alone at most every
+    /// [`SOFT_EVERY`] (see [`FleetView::tick`]).
+    pub fn set_dir(&self, dir: &str, mut d: OwnDir) {
+        d.report.dir = dir.to_string();
+        d.report.last_error = wire::truncate(&d.report.last_error, wire::MAX_REPORT_ERROR);
+        if !d.report.rate.is_finite() || d.report.rate < 0.0 {
+            d.report.rate = 0.0;
+        }
+        let mut t = self.table.locked();
+        if let Some(v) = &d.held {
+            let s = t.seen.entry(dir.to_string()).or_default();
+            *s = (*s).max(v.version);
+        }
+        let hard = t.own.dirs.get(dir).is_none_or(|old| old.differs_hard(&d));
+        if hard {
+            t.own.soft.remove(dir);
+            t.own.dirs.insert(dir.to_string(), d);
+            self.bump_own(&mut t);
+            let record = t.own.record.clone();
+            t.pushes.push((record, Vec::new()));
+            drop(t);
+            self.pushed.notify_one();
+        } else if t.own.dirs.get(dir) != Some(&d) {
+            t.own.soft.insert(dir.to_string(), d);
+        }
+    }
+
+    /// A directory no longer carried leaves the record.
+    pub fn remove_dir(&self, dir: &str) {
+        let mut t = self.table.locked();
+        t.own.soft.remove(dir);
+        if t.own.dirs.remove(dir).is_some() {
+            self.bump_own(&mut t);
+        }
+    }
+
+    fn bump_own(&self, t: &mut Table) {
+        t.own.seq += 1;
+        t.own.soft_at = self.env.now();
+        t.own.record = self.build_own(&t.own);
+        t.own.hash = record_hash(&t.own.record);
+    }
+
+    /// Once a second: soft changes enter the record when due.
+    pub fn tick(&self) {
+        let mut t = self.table.locked();
+        if !t.own.soft.is_empty() && t.own.soft_at.elapsed() >= SOFT_EVERY {
+            let soft = std::mem::take(&mut t.own.soft);
+            t.own.dirs.extend(soft);
+            self.bump_own(&mut t);
+        }
+    }
+
+    /// Takes in a record, validated. Returns whether it changed what this
+    /// node knows.
+    pub fn learn(&self, h: pb::Holdings, via: Via<'_>) -> Result<bool, Refusal> {
+        let from = wire::check_record(&h).map_err(|reason| Refusal::Invalid {
+            peer: match via {
+                Via::Direct => h
+                    .from
+                    .as_ref()
+                    .map_or_else(String::new, |m| wire::short(&m.node_id)),
+                Via::Relay(p) => p.to_string(),
+            },
+            reason,
+        })?;
+        let id = from.node_id.clone();
+        if id == self.id {
+            return Ok(false);
+        }
+        let now = self.env.now();
+        let size = h.encoded_len();
+        let mut t = self.table.locked();
+        let new = !t.peers.contains_key(&id);
+        if new && t.peers.len() >= MAX_PEERS {
+            return Err(Refusal::Full(format!(
+                "peer table full ({MAX_PEERS} peers)"
+            )));
+        }
+        let old_size = t
+            .peers
+            .get(&id)
+            .and_then(|p| p.record.as_ref())
+            .map_or(0, |r| r.encoded_len());
+        if t.bytes - old_size + size > MAX_VIEW_BYTES {
+            return Err(Refusal::Full(format!(
+                "fleet view full ({MAX_VIEW_BYTES} bytes of records)"
+            )));
+        }
+        let address = from.address.clone();
+        let labels: BTreeMap<String, String> = from.labels.clone().into_iter().collect();
+        let p = t
+            .peers
+            .entry(id.clone())
+            .or_insert_with(|| PeerState::new(address.clone(), now));
+        let key = (h.incarnation, h.seq);
+        // The owner's own word replaces an equal key too.
+        let replace = match via {
+            Via::Direct => key >= p.key(),
+            Via::Relay(_) => key > p.key(),
+        };
+        if via == Via::Direct {
+            p.heard = now;
+        }
+        if !replace {
+            return Ok(false);
+        }
+        p.address = address.clone();
+        p.labels = labels;
+        let record = Arc::new(h);
+        p.hash = key_hash(&id, record.incarnation, record.seq);
+        p.bucket = bucket_of(&id);
+        p.record = Some(record.clone());
+        t.bytes = t.bytes - old_size + size;
+        // A record that brings a newer version than this node knew of
+        // travels on at once (rumour-style), so a publish reaches the
+        // fleet in a few hops instead of a few rounds.
+        let mut brings_news = false;
+        for v in &record.dirs {
+            let room = t.seen.len() < MAX_SEEN_DIRS;
+            match t.seen.get_mut(&v.dir) {
+                Some(s) if *s >= v.version => {}
+                Some(s) => {
+                    *s = v.version;
+                    brings_news = true;
+                }
+                None if room => {
+                    t.seen.insert(v.dir.clone(), v.version);
+                    brings_news = true;
+                }
+                None => {}
+            }
+        }
+        if brings_news {
+            let skip = match via {
+                Via::Relay(p) => vec![p.to_string(), id.clone()],
+                Via::Direct => vec![id.clone()],
+            };
+            t.pushes.push((record, skip));
+        }
+        drop(t);
+        if brings_news {
+            self.pushed.notify_one();
+        }
+        if new
+            && via == Via::Direct
+            && let Some(swim) = self.swim.get()
+        {
+            // Let SWIM probe it too, rather than wait for gossip to bring it.
+            swim.announce(&address);
+        }
+        self.learned.notify_waiters();
+        Ok(true)
+    }
+
+    fn newest_locked<'a>(&self, t: &'a Table, dir: &str) -> Option<&'a pb::DirVersion> {
+        let own = t.own.record.dirs.iter().find(|v| v.dir == dir);
+        t.peers
+            .values()
+            .filter(|p| p.live())
+            .filter_map(|p| p.held(dir))
+            .chain(own)
+            .max_by_key(|v| v.version)
+    }
+
+    /// The newest version of `dir` held anywhere this node can see (live
+    /// peers and itself).
+    pub fn newest(&self, dir: &str) -> Option<pb::DirVersion> {
+        let t = self.table.locked();
+        self.newest_locked(&t, dir).cloned()
+    }
+
+    /// Live peers holding `v` (then those receiving it), nearest first
+    /// and otherwise in random order, so a fleet does not pile onto one
+    /// peer.
+    pub fn holders(&self, v: &pb::DirVersion) -> Vec<Holder> {
+        let same = |x: Option<&pb::DirVersion>| {
+            x.is_some_and(|x| x.version == v.version && x.root == v.root)
+        };
+        let t = self.table.locked();
+        let mut out: Vec<Holder> = t
+            .peers
+            .iter()
+            .filter(|(_, p)| p.live())
+            .filter_map(|(id, p)| {
+                let partial = if same(p.held(&v.dir)) {
+                    false
+                } else if same(p.pulling(&v.dir)) {
+                    true
+                } else {
+                    return None;
+                };
+                Some(Holder {
+                    id: id.clone(),
+                    address: p.address.clone(),
+                    class: PeerClass::of(&self.labels, &p.labels),
+                    partial,
+                })
+            })
+            .collect();
+        drop(t);
+        // A stable order first, so the seeded shuffle is reproducible.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        self.env.shuffle(&mut out);
+        out.sort_by_key(|h| (h.partial, h.class));
+        out
+    }
+
+    /// The class of peer `id` as seen from here.
+    pub fn class_of(&self, id: &str) -> PeerClass {
+        match self.table.locked().peers.get(id) {
+            Some(p) => PeerClass::of(&self.labels, &p.labels),
+            None => PeerClass::Elsewhere,
+        }
+    }
+
+    /// Accounts chunk bytes served to, or received from, peer `id`.
+    pub fn add_traffic(&self, id: &str, sent: u64, received: u64) {
+        if let Some(p) = self.table.locked().peers.get_mut(id) {
+            p.bytes_sent += sent;
+            p.bytes_received += received;
+        }
+    }
+
+    /// Counts chunks from peer `id` that failed their checks.
+    pub fn add_corrupt(&self, id: &str, chunks: u64) {
+        if let Some(p) = self.table.locked().peers.get_mut(id) {
+            p.corrupt_chunks += chunks;
+        }
+    }
+
+    /// Every peer, as it is now (for the operator's views).
+    pub fn peers(&self) -> Vec<(String, PeerState)> {
+        let t = self.table.locked();
+        let mut out: Vec<(String, PeerState)> = t
+            .peers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Live peers by id and address, `n` at random, none of `skip`.
+    pub fn pick(&self, n: usize, skip: &[String]) -> Vec<(String, String)> {
+        let t = self.table.locked();
+        let mut live: Vec<(String, String)> = t
+            .peers
+            .iter()
+            .filter(|(id, p)| p.live() && !skip.contains(id))
+            .map(|(id, p)| (id.clone(), p.address.clone()))
+            .collect();
+        drop(t);
+        live.sort();
+        self.env.shuffle(&mut live);
+        live.truncate(n);
+        live
+    }
+
+    /// Bootstrap addresses no live SWIM member has: exchanged with
+    /// directly each round, so a node is found before SWIM confirms it.
+    pub fn unconfirmed_bootstrap(&self) -> Vec<String> {
+        let t = self.table.locked();
+        let confirmed: HashSet<&str> = t
+            .peers
+            .values()
+            .filter(|p| p.swim && p.live())
+            .map(|p| p.address.as_str())
+            .collect();
+        self.bootstrap
+            .iter()
+            .filter(|b| **b != self.address && !confirmed.contains(b.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Records queued for pushing.
+    pub(crate) fn take_pushes(&self) -> Vec<(Arc<pb::Holdings>, Vec<String>)> {
+        std::mem::take(&mut self.table.locked().pushes)
+    }
+
+    pub(crate) async fn push_wanted(&self) {
+        self.pushed.notified().await
+    }
+
+    /// The bucket digests of the records in the digest: this node's own
+    /// and those of live peers.
+    pub fn buckets(&self) -> [u64; BUCKETS] {
+        let t = self.table.locked();
+        let mut b = [0u64; BUCKETS];
+        b[bucket_of(&self.id)] ^= t.own.hash;
+        for p in t.peers.values() {
+            if p.record.is_some() && p.live() {
+                b[p.bucket] ^= p.hash;
+            }
+        }
+        b
+    }
+
+    /// The whole digest: the bucket digests folded together.
+    pub fn digest(&self) -> u64 {
+        self.buckets().iter().fold(0, |a, b| a ^ b)
+    }
+
+    /// Keys of the records in `buckets`.
+    pub fn keys_in(&self, buckets: &[u32]) -> Vec<pb::RecordKey> {
+        let want: HashSet<usize> = buckets.iter().map(|b| *b as usize).collect();
+        let t = self.table.locked();
+        let own = &t.own.record;
+        let mut out = Vec::new();
+        if want.contains(&bucket_of(&self.id)) {
+            out.push(pb::RecordKey {
+                node_id: self.id.clone(),
+                incarnation: own.incarnation,
+                seq: own.seq,
+            });
+        }
+        for (id, p) in &t.peers {
+            if p.record.is_some() && want.contains(&p.bucket) && p.live() {
+                let (incarnation, seq) = p.key();
+                out.push(pb::RecordKey {
+                    node_id: id.clone(),
+                    incarnation,
+                    seq,
+                });
+            }
+        }
+        out
+    }
+
+    /// Step 2 of a round, answered: records newer here than the caller's
+    /// `keys` in `buckets` (or missing there), and the ids whose records
+    /// are newer at the caller.
+    pub fn reconcile(
+        &self,
+        buckets: &[u32],
+        keys: &[pb::RecordKey],
+    ) -> (Vec<pb::Holdings>, Vec<String>) {
+        let theirs: HashMap<&str, (u64, u64)> = keys
+            .iter()
+            .map(|k| (k.node_id.as_str(), (k.incarnation, k.seq)))
+            .collect();
+        let mine: HashMap<String, (u64, u64)> = self
+            .keys_in(buckets)
+            .into_iter()
+            .map(|k| (k.node_id, (k.incarnation, k.seq)))
+            .collect();
+        let newer_here: Vec<&str> = mine
+            .iter()
+            .filter(|(id, k)| theirs.get(id.as_str()).is_none_or(|t| *t < **k))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let records = self.records(newer_here.iter().copied());
+        let want = theirs
+            .iter()
+            .filter(|(id, k)| mine.get(**id).is_none_or(|m| m < k))
+            .map(|(id, _)| id.to_string())
+            .take(gossip::MAX_RECORDS_PER_CALL)
+            .collect();
+        (records, want)
+    }
+
+    /// The records of `ids` this node has (its own included), within one
+    /// call's bounds.
+    pub fn records<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<pb::Holdings> {
+        let t = self.table.locked();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for id in ids {
+            let r = if id == self.id {
+                Some(&t.own.record)
+            } else {
+                t.peers.get(id).and_then(|p| p.record.as_ref())
+            };
+            if let Some(r) = r {
+                bytes += r.encoded_len();
+                if out.len() >= gossip::MAX_RECORDS_PER_CALL || bytes > gossip::MAX_CALL_BYTES {
+                    break;
+                }
+                out.push((**r).clone());
+            }
+        }
+        out
+    }
+
+    /// A gossip round trip to peer `id` took `took`.
+    pub fn measured(&self, id: &str, took: Duration) {
+        if let Some(p) = self.table.locked().peers.get_mut(id) {
+            let ms = took.as_secs_f64() * 1000.0;
+            p.rtt_ms = if p.rtt_ms == 0.0 {
+                ms
+            } else {
+                0.8 * p.rtt_ms + 0.2 * ms
+            };
+        }
+    }
+
+    /// Forgets peers down for [`DEAD_TTL`], and channels to addresses no
+    /// known peer or bootstrap entry has.
+    pub fn forget_dead(&self) {
+        let mut t = self.table.locked();
+        let before = t.peers.len();
+        let mut freed = 0;
+        t.peers.retain(|id, p| {
+            let keep = !p.expired();
+            if !keep {
+                freed += p.record.as_ref().map_or(0, |r| r.encoded_len());
+                tracing::info!(peer = %id, address = %p.address, "forgetting a peer down for {}", humantime::format_duration(DEAD_TTL));
+            }
+            keep
+        });
+        t.bytes -= freed;
+        if t.peers.len() == before
+            && self.transport.known().len() <= t.peers.len() + self.bootstrap.len()
+        {
+            return;
+        }
+        let keep: HashSet<String> = t
+            .peers
+            .values()
+            .map(|p| p.address.clone())
+            .chain(self.bootstrap.iter().cloned())
+            .collect();
+        drop(t);
+        self.transport.retain(&|a| keep.contains(a));
+    }
+
+    /// Peers by liveness: (alive, suspect, down).
+    pub fn counts(&self) -> (u32, u32, u32) {
+        let mut c = (0, 0, 0);
+        for p in self.table.locked().peers.values() {
+            match p.liveness() {
+                Liveness::Alive => c.0 += 1,
+                Liveness::Suspect => c.1 += 1,
+                Liveness::Down => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    /// Bytes of records held (the fleet view's memory, less the map).
+    pub fn view_bytes(&self) -> usize {
+        self.table.locked().bytes
+    }
+
+    /// How many peers are tracked.
+    pub fn len(&self) -> usize {
+        self.table.locked().peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Members for FleetView {
+    fn member(&self, id: &Ident, state: Liveness) {
+        if id.node_id == self.id {
+            return;
+        }
+        let m = pb::Member {
+            node_id: id.node_id.clone(),
+            address: id.address.clone(),
+            labels: Default::default(),
+        };
+        if let Err(e) = wire::check_member(&m) {
+            tracing::debug!(error = %e, "ignoring a SWIM member with a malformed identity");
+            return;
+        }
+        let now = self.env.now();
+        let mut t = self.table.locked();
+        if !t.peers.contains_key(&id.node_id) && t.peers.len() >= MAX_PEERS {
+            tracing::warn!(peer = %id.node_id, "peer table full ({MAX_PEERS}); ignoring a new member");
+            return;
+        }
+        let p = t
+            .peers
+            .entry(id.node_id.clone())
+            .or_insert_with(|| PeerState::new(id.address.clone(), now));
+        p.address = id.address.clone();
+        if state == Liveness::Down && p.down_since.is_none() {
+            p.down_since = Some(now);
+        } else if state != Liveness::Down {
+            p.down_since = None;
+        }
+        p.state = state;
+        p.swim = true;
+        drop(t);
+        if state != Liveness::Down {
+            self.learned.notify_waiters();
+        }
+    }
+
+    fn sending(&self) {
+        self.metrics
+            .gossip_messages
+            .with_label_values(&["swim", "sent"])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sync_proto::pb;
+
+use super::*;
+use crate::transport::grpc::GrpcTransport;
+use crate::transport::mem::MemNet;
+
+fn view(id: &str, address: &str, transport: Arc<dyn Transport>, seed: u64) -> Arc<FleetView> {
+    Arc::new(FleetView::new(
+        id.into(),
+        address.into(),
+        BTreeMap::new(),
+        1,
+        vec![],
+        transport,
+        Arc::new(Env::seeded(seed)),
+        Metrics::new().unwrap(),
+    ))
+}
+
+fn record(
+    id: &str,
+    seq: u64,
+    labels: std::collections::HashMap<String, String>,
+    dirs: Vec<&str>,
+) -> pb::Holdings {
+    pb::Holdings {
+        from: Some(pb::Member {
+            node_id: id.into(),
+            address: "10.0.0.6:7400".into(),
+            labels,
+        }),
+        dirs: dirs
+            .into_iter()
+            .map(|d| pb::DirVersion {
+                dir: d.into(),
+                version: seq,
+                root: vec![seq as u8; 32],
+                publisher: id.into(),
+                entries: 1,
+                bytes: 1,
+            })
+            .collect(),
+        protocol: wire::PROTOCOL,
+        incarnation: 1,
+        seq,
+        ..Default::default()
+    }
+}
+
+/// Issue 8 item 8: members down for DEAD_TTL are forgotten with their
+/// channels; oversized labels and records are refused whole.
+#[tokio::test(start_paused = true)]
+async fn dead_members_are_forgotten_and_peer_keys_bounded() {
+    let grpc = Arc::new(GrpcTransport::default());
+    let v = view("n1", "127.0.0.1:7400", grpc.clone(), 1);
+    for (id, addr, state) in [
+        ("gone", "10.0.0.9:7400", Liveness::Down),
+        ("here", "10.0.0.8:7400", Liveness::Alive),
+    ] {
+        v.member(
+            &Ident {
+                address: addr.into(),
+                node_id: id.into(),
+                bump: 1,
+            },
+            state,
+        );
+        grpc.prime(addr);
+    }
+    grpc.prime("10.0.0.7:7400"); // an address nobody has
+    // Not yet: down for less than the TTL (on the paused clock).
+    tokio::time::advance(DEAD_TTL - Duration::from_secs(1)).await;
+    v.forget_dead();
+    assert!(v.peers().iter().any(|(id, _)| id == "gone"));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    v.forget_dead();
+    let ids: Vec<String> = v.peers().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["here"]);
+    assert_eq!(v.transport.known(), ["10.0.0.8:7400"]);
+
+    let big = "x".repeat(1 << 20);
+    let err = v
+        .learn(
+            record("evil", 1, [("rack".to_string(), big)].into(), vec!["www"]),
+            Via::Direct,
+        )
+        .unwrap_err();
+    let status = err.to_status();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().len() < 1024, "{}", status.message().len());
+    assert!(!v.peers().iter().any(|(id, _)| id == "evil"));
+    let err = v
+        .learn(
+            record(
+                "evil",
+                1,
+                [("colour".to_string(), "red".to_string())].into(),
+                vec![],
+            ),
+            Via::Direct,
+        )
+        .unwrap_err();
+    assert_eq!(err.to_status().code(), tonic::Code::InvalidArgument);
+    let many: Vec<String> = (0..=wire::MAX_RECORD_DIRS)
+        .map(|i| format!("d{i}"))
+        .collect();
+    let err = v
+        .learn(
+            record(
+                "evil",
+                1,
+                Default::default(),
+                many.iter().map(String::as_str).collect(),
+            ),
+            Via::Direct,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("more than"), "{err}");
+    assert!(
+        v.learn(
+            record("evil", 1, Default::default(), vec!["www"]),
+            Via::Direct
+        )
+        .unwrap()
+    );
+    assert_eq!(
+        v.view_bytes(),
+        v.peers()
+            .iter()
+            .filter_map(|(_, p)| p.record.as_ref())
+            .map(|r| prost::Message::encoded_len(&**r))
+            .sum::<usize>()
+    );
+}
+
+/// Keys order records: a relayed record replaces only a smaller key, the
+/// owner's own word an equal one too; a record bringing a newer version
+/// is queued to travel on, one that does not is not.
+#[tokio::test(start_paused = true)]
+async fn larger_keys_win_and_news_travels_on() {
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        2,
+    );
+    assert!(
+        v.learn(
+            record("a", 2, Default::default(), vec!["www"]),
+            Via::Relay("b")
+        )
+        .unwrap()
+    );
+    let pushes = v.take_pushes();
+    assert_eq!(pushes.len(), 1);
+    assert_eq!(
+        pushes[0].1,
+        ["b", "a"],
+        "neither the relay nor the owner is pushed to"
+    );
+    assert!(
+        !v.learn(
+            record("a", 1, Default::default(), vec!["www"]),
+            Via::Relay("b")
+        )
+        .unwrap()
+    );
+    assert!(
+        !v.learn(
+            record("a", 2, Default::default(), vec!["www"]),
+            Via::Relay("c")
+        )
+        .unwrap()
+    );
+    assert!(
+        v.learn(record("a", 2, Default::default(), vec!["www"]), Via::Direct)
+            .unwrap()
+    );
+    assert_eq!(v.newest("www").unwrap().version, 2);
+    // The same version again is no news.
+    assert!(v.take_pushes().is_empty());
+    // A protocol-1 record is refused with a clear reason.
+    let mut old = record("z", 1, Default::default(), vec![]);
+    old.protocol = 0;
+    let e = v.learn(old, Via::Direct).unwrap_err();
+    assert!(e.to_string().contains("protocol 1"), "{e}");
+}
+
+/// Own changes: a new version enters the record at once and is pushed;
+/// rate alone waits for the soft interval.
+#[tokio::test(start_paused = true)]
+async fn own_record_changes_hard_at_once_and_soft_later() {
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        3,
+    );
+    let seq = v.own_record().seq;
+    let mut d = OwnDir {
+        held: Some(
+            record("n1", 1, Default::default(), vec!["www"])
+                .dirs
+                .remove(0),
+        ),
+        pulling: None,
+        report: pb::DirReport {
+            state: "idle".into(),
+            mode: "source".into(),
+            ..Default::default()
+        },
+    };
+    v.set_dir("www", d.clone());
+    assert_eq!(v.own_record().seq, seq + 1);
+    assert_eq!(v.take_pushes().len(), 1);
+    d.report.rate = 1e6;
+    v.set_dir("www", d.clone());
+    v.tick();
+    assert_eq!(v.own_record().seq, seq + 1, "a rate change waits");
+    tokio::time::advance(SOFT_EVERY).await;
+    v.tick();
+    assert_eq!(v.own_record().seq, seq + 2);
+    assert_eq!(v.own_record().reports[0].rate, 1e6);
+    assert!(v.take_pushes().is_empty(), "soft changes are not pushed");
+}
+
+/// A fleet of fleet views over the in-memory network.
+fn fleet(net: &Arc<MemNet>, n: usize, seed: u64) -> Vec<Arc<FleetView>> {
+    let views: Vec<Arc<FleetView>> = (0..n)
+        .map(|i| {
+            let addr = format!("10.0.{}.{}:7400", i / 250, i % 250 + 1);
+            let v = view(
+                &format!("n{i}"),
+                &addr,
+                Arc::new(net.transport(&addr)),
+                seed * 1000 + i as u64,
+            );
+            net.listen(&addr, Arc::new(peer::FleetPeer(v.clone())));
+            v
+        })
+        .collect();
+    // Everyone knows everyone as SWIM would tell them.
+    for a in &views {
+        for b in &views {
+            if a.id != b.id {
+                a.member(
+                    &Ident {
+                        address: b.address.clone(),
+                        node_id: b.id.clone(),
+                        bump: 1,
+                    },
+                    Liveness::Alive,
+                );
+            }
+        }
+    }
+    views
+}
+
+async fn rounds(views: &[Arc<FleetView>]) {
+    let mut set = tokio::task::JoinSet::new();
+    for v in views {
+        let v = v.clone();
+        set.spawn(async move { gossip::round(&v).await });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Anti-entropy alone (pushes dropped) brings every record everywhere,
+/// then digests agree and a round costs the same few bytes per node.
+#[tokio::test(start_paused = true)]
+async fn digests_converge_without_pushes_and_idle_rounds_stay_small() {
+    let net = MemNet::new();
+    let views = fleet(&net, 40, 4);
+    for v in &views {
+        v.set_dir(
+            "www",
+            OwnDir {
+                report: pb::DirReport {
+                    state: "idle".into(),
+                    mode: "replica".into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        v.take_pushes();
+    }
+    let mut n = 0;
+    while views.iter().any(|v| v.digest() != views[0].digest()) {
+        rounds(&views).await;
+        n += 1;
+        assert!(n < 30, "no convergence in 30 rounds");
+    }
+    for v in &views {
+        assert_eq!(
+            v.peers().iter().filter(|(_, p)| p.record.is_some()).count(),
+            39
+        );
+    }
+    let before = net.bytes_from_all();
+    rounds(&views).await;
+    let idle = (net.bytes_from_all() - before) as f64 / views.len() as f64;
+    assert!(idle < 300.0, "an idle round cost {idle} bytes per node");
+}

@@ -1,0 +1,152 @@
+//! This node's shared services: its index store and the gate the garbage
+//! collector takes, the transfers in flight (whose written chunks peers
+//! may already fetch), the roots it carries, the scan and transfer slots
+//! directories wait for, metrics, time and randomness, the transport, and
+//! the fleet view. Every component below the daemon gets an
+//! `Arc<LocalNode>`; nothing here knows about directory actors, admin or
+//! the daemon's loops.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chunk_store::Hash;
+use chunk_store::indexer;
+use chunk_store::store::Store;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::env::Env;
+use crate::fleet::FleetView;
+use crate::locks::{LockExt as _, RwLockExt as _};
+use crate::materialize::InFlight;
+use crate::metrics::Metrics;
+use crate::transport::Transport;
+
+/// Directory scans run at once; others wait (state `waiting`).
+pub const SCAN_SLOTS: usize = 2;
+/// Transfers run at once; others wait (state `waiting`).
+pub const TRANSFER_SLOTS: usize = 4;
+
+#[derive(Debug)]
+pub struct LocalNode {
+    pub id: String,
+    pub store: Arc<Store>,
+    /// Writers of the index (scans) share it; the garbage collector takes
+    /// it alone, between scans.
+    pub store_gate: RwLock<()>,
+    /// Woken after a scan changed a root: the collector has work.
+    pub gc_wanted: Notify,
+    /// Chunks written by transfers in progress, per directory.
+    in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
+    /// Carried directories by id: what peers may ask chunks of.
+    roots: RwLock<BTreeMap<String, PathBuf>>,
+    pub scan_slots: Arc<Semaphore>,
+    pub transfer_slots: Arc<Semaphore>,
+    pub metrics: Metrics,
+    /// Time and randomness (seeded in tests).
+    pub env: Arc<Env>,
+    /// How peers are reached (gRPC in the daemon, in memory in tests).
+    pub transport: Arc<dyn Transport>,
+    pub fleet: Arc<FleetView>,
+    pub started: std::time::Instant,
+}
+
+impl LocalNode {
+    pub fn new(store: Arc<Store>, fleet: Arc<FleetView>) -> LocalNode {
+        LocalNode {
+            id: fleet.id.clone(),
+            store,
+            store_gate: RwLock::new(()),
+            gc_wanted: Notify::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            roots: RwLock::new(BTreeMap::new()),
+            scan_slots: Arc::new(Semaphore::new(SCAN_SLOTS)),
+            transfer_slots: Arc::new(Semaphore::new(TRANSFER_SLOTS)),
+            metrics: fleet.metrics.clone(),
+            env: fleet.env.clone(),
+            transport: fleet.transport.clone(),
+            fleet,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// One scan of a directory under the shared store gate; garbage
+    /// collection is left to the collector (`daemon::gc_loop`).
+    pub fn scan(
+        &self,
+        dir: &str,
+        path: &Path,
+        opts: indexer::ScanOptions,
+    ) -> Result<indexer::ScanReport, chunk_store::Error> {
+        let report = {
+            let _gate = self.store_gate.read_locked();
+            indexer::scan_with(
+                &self.store,
+                dir,
+                path,
+                indexer::ScanOptions {
+                    defer_gc: true,
+                    ..opts
+                },
+            )?
+        };
+        if report.changed {
+            self.gc_wanted.notify_one();
+        }
+        Ok(report)
+    }
+
+    /// One sweep of the collector, alone at the gate.
+    pub fn collect_garbage(&self) -> Result<u64, chunk_store::Error> {
+        let _gate = self.store_gate.write_locked();
+        self.store.collect_garbage(false)
+    }
+
+    /// Registers a transfer's written chunks (until [`LocalNode::end_transfer`]).
+    pub fn begin_transfer(&self, dir: &str, t: Arc<InFlight>) {
+        self.in_flight.locked().insert(dir.to_string(), t);
+    }
+
+    pub fn end_transfer(&self, dir: &str) {
+        self.in_flight.locked().remove(dir);
+    }
+
+    /// Transfers in progress.
+    pub fn transfers(&self) -> usize {
+        self.in_flight.locked().len()
+    }
+
+    /// A chunk written by one of this node's transfers, if any has it.
+    pub fn in_flight_chunk(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let transfers: Vec<Arc<InFlight>> = self.in_flight.locked().values().cloned().collect();
+        transfers
+            .iter()
+            .find_map(|t| t.read_hash(hash).ok().flatten())
+    }
+
+    /// A directory is carried (peers may fetch its chunks) from now on.
+    pub fn carry(&self, id: &str, path: &Path) {
+        self.roots
+            .write_locked()
+            .insert(id.to_string(), path.to_path_buf());
+    }
+
+    /// A directory is no longer carried.
+    pub fn drop_dir(&self, id: &str) {
+        self.roots.write_locked().remove(id);
+        self.fleet.remove_dir(id);
+    }
+
+    pub fn carries(&self, id: &str) -> bool {
+        self.roots.read_locked().contains_key(id)
+    }
+
+    /// Directory roots by id, to resolve chunk locations.
+    pub fn roots(&self) -> Vec<(String, PathBuf)> {
+        self.roots
+            .read_locked()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,143 @@
+//! Fleet views only: `n` nodes that gossip records over a [`MemNet`],
+//! membership given as SWIM would report it (or SWIM itself), so a
+//! thousand nodes run in one process.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sync_proto::pb;
+
+use crate::env::Env;
+use crate::fleet::gossip::{self, Options};
+use crate::fleet::peer::FleetPeer;
+use crate::fleet::{FleetView, Ident, Liveness, Members as _, OwnDir, Via};
+use crate::metrics::Metrics;
+use crate::transport::mem::MemNet;
+
+/// The directory every simulated node carries.
+pub const DIR: &str = "www";
+
+#[derive(Debug)]
+pub struct FleetSim {
+    pub net: Arc<MemNet>,
+    pub views: Vec<Arc<FleetView>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl FleetSim {
+    /// `n` views that all know each other as live members, each holding
+    /// version `1` of [`DIR`] and every other's record (a converged,
+    /// idle fleet). Gossip is not running yet ([`FleetSim::start`]).
+    pub fn converged(n: usize, seed: u64) -> FleetSim {
+        let net = MemNet::new();
+        let views: Vec<Arc<FleetView>> = (0..n)
+            .map(|i| {
+                let address = super::address(i);
+                let v = Arc::new(FleetView::new(
+                    format!("n{i}"),
+                    address.clone(),
+                    BTreeMap::new(),
+                    1,
+                    vec![],
+                    Arc::new(net.transport(&address)),
+                    Arc::new(Env::seeded(
+                        seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                    )),
+                    Metrics::new().expect("metrics"),
+                ));
+                net.listen(&address, Arc::new(FleetPeer(v.clone())));
+                v.set_dir(DIR, own(version(1, 0), "idle"));
+                v.take_pushes();
+                v
+            })
+            .collect();
+        let records: Vec<pb::Holdings> = views.iter().map(|v| (*v.own_record()).clone()).collect();
+        for a in &views {
+            for (b, r) in views.iter().zip(&records) {
+                if a.id == b.id {
+                    continue;
+                }
+                a.member(
+                    &Ident {
+                        address: b.address.clone(),
+                        node_id: b.id.clone(),
+                        bump: 1,
+                    },
+                    Liveness::Alive,
+                );
+                a.learn(r.clone(), Via::Relay(&b.id))
+                    .expect("a valid record");
+            }
+            a.take_pushes();
+        }
+        FleetSim {
+            net,
+            views,
+            tasks: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Starts every node's gossip.
+    pub fn start(&mut self, opts: Options) {
+        for v in &self.views {
+            self.tasks.spawn(gossip::run_with(v.clone(), opts));
+        }
+    }
+
+    /// Node `i` publishes version `v` of [`DIR`].
+    pub fn publish(&self, i: usize, v: u64) {
+        self.views[i].set_dir(DIR, own(version(v, i), "idle"));
+    }
+
+    /// How many nodes know of version `v` (or newer) of [`DIR`].
+    pub fn knowing(&self, v: u64) -> usize {
+        self.views
+            .iter()
+            .filter(|x| x.newest(DIR).is_some_and(|n| n.version >= v))
+            .count()
+    }
+
+    /// Whether every node's digest is the same.
+    pub fn agreed(&self) -> bool {
+        let d = self.views[0].digest();
+        self.views.iter().all(|v| v.digest() == d)
+    }
+
+    /// Gossip bytes (encoded) every node sent and received, in all.
+    pub fn gossip_bytes(&self) -> u64 {
+        self.views
+            .iter()
+            .map(|v| {
+                let m = &v.metrics.gossip_bytes;
+                ["digest", "reconcile", "records", "push", "exchange"]
+                    .iter()
+                    .flat_map(|k| ["sent", "received"].map(|d| m.with_label_values(&[k, d]).get()))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+fn version(v: u64, publisher: usize) -> pb::DirVersion {
+    pb::DirVersion {
+        dir: DIR.into(),
+        version: v,
+        root: blake3::hash(&v.to_le_bytes()).as_bytes().to_vec(),
+        publisher: format!("n{publisher}"),
+        entries: 1,
+        bytes: 1,
+    }
+}
+
+fn own(held: pb::DirVersion, state: &str) -> OwnDir {
+    OwnDir {
+        held: Some(held),
+        pulling: None,
+        report: pb::DirReport {
+            dir: DIR.into(),
+            state: state.into(),
+            mode: "replica".into(),
+            ..Default::default()
+        },
+    }
+}
