@@ -50,6 +50,12 @@ impl Env {
         self.rng.locked().random_range(range)
     }
 
+    /// `n` distinct indices below `len`, in random order (all of them
+    /// when `n >= len`), without touching the items themselves.
+    pub fn sample(&self, len: usize, n: usize) -> Vec<usize> {
+        rand::seq::index::sample(&mut *self.rng.locked(), len, n.min(len)).into_vec()
+    }
+
     /// Shuffles `items` in place.
     pub fn shuffle<T>(&self, items: &mut [T]) {
         items.shuffle(&mut *self.rng.locked());

@@ -194,7 +194,9 @@ struct Own {
 
 #[derive(Debug)]
 struct Table {
-    peers: HashMap<String, PeerState>,
+    /// By id, in order: what a seeded choice picks from is the same list
+    /// in every run.
+    peers: BTreeMap<String, PeerState>,
     /// Encoded bytes of every record in `peers`.
     bytes: usize,
     own: Own,
@@ -204,6 +206,10 @@ struct Table {
     /// record raising it is news, forwarded at once); at most
     /// [`MAX_SEEN_DIRS`] directories.
     seen: HashMap<String, u64>,
+    /// The bucket digests as last computed, and when: recomputed after any
+    /// change, and at least every second (an unconfirmed peer's liveness
+    /// lapses with time alone).
+    digests: Option<(tokio::time::Instant, [u64; BUCKETS])>,
 }
 
 /// Most directories whose highest version is remembered for forwarding.
@@ -277,7 +283,7 @@ impl FleetView {
             env,
             metrics,
             table: Mutex::new(Table {
-                peers: HashMap::new(),
+                peers: BTreeMap::new(),
                 bytes: 0,
                 own: Own {
                     seq: 1,
@@ -289,6 +295,7 @@ impl FleetView {
                 },
                 pushes: Vec::new(),
                 seen: HashMap::new(),
+                digests: None,
             }),
             learned: Notify::new(),
             pushed: Notify::new(),
@@ -386,6 +393,7 @@ impl FleetView {
         t.own.soft_at = self.env.now();
         t.own.record = self.build_own(&t.own);
         t.own.hash = record_hash(&t.own.record);
+        t.digests = None;
     }
 
     /// Once a second: soft changes enter the record when due.
@@ -459,6 +467,7 @@ impl FleetView {
         p.bucket = bucket_of(&id);
         p.record = Some(record.clone());
         t.bytes = t.bytes - old_size + size;
+        t.digests = None;
         // A record that brings a newer version than this node knew of
         // travels on at once (rumour-style), so a publish reaches the
         // fleet in a few hops instead of a few rounds.
@@ -546,8 +555,8 @@ impl FleetView {
             })
             .collect();
         drop(t);
-        // A stable order first, so the seeded shuffle is reproducible.
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        // From the peers' (stable) order, so the seeded shuffle is
+        // reproducible.
         self.env.shuffle(&mut out);
         out.sort_by_key(|h| (h.partial, h.class));
         out
@@ -579,29 +588,25 @@ impl FleetView {
     /// Every peer, as it is now (for the operator's views).
     pub fn peers(&self) -> Vec<(String, PeerState)> {
         let t = self.table.locked();
-        let mut out: Vec<(String, PeerState)> = t
-            .peers
+        t.peers
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
     /// Live peers by id and address, `n` at random, none of `skip`.
     pub fn pick(&self, n: usize, skip: &[String]) -> Vec<(String, String)> {
         let t = self.table.locked();
-        let mut live: Vec<(String, String)> = t
+        let live: Vec<(&String, &PeerState)> = t
             .peers
             .iter()
             .filter(|(id, p)| p.live() && !skip.contains(id))
-            .map(|(id, p)| (id.clone(), p.address.clone()))
             .collect();
-        drop(t);
-        live.sort();
-        self.env.shuffle(&mut live);
-        live.truncate(n);
-        live
+        self.env
+            .sample(live.len(), n)
+            .into_iter()
+            .map(|i| (live[i].0.clone(), live[i].1.address.clone()))
+            .collect()
     }
 
     /// Bootstrap addresses no live SWIM member has: exchanged with
@@ -633,7 +638,13 @@ impl FleetView {
     /// The bucket digests of the records in the digest: this node's own
     /// and those of live peers.
     pub fn buckets(&self) -> [u64; BUCKETS] {
-        let t = self.table.locked();
+        let mut t = self.table.locked();
+        let now = self.env.now();
+        if let Some((at, b)) = t.digests
+            && now.duration_since(at) < Duration::from_secs(1)
+        {
+            return b;
+        }
         let mut b = [0u64; BUCKETS];
         b[bucket_of(&self.id)] ^= t.own.hash;
         for p in t.peers.values() {
@@ -641,6 +652,7 @@ impl FleetView {
                 b[p.bucket] ^= p.hash;
             }
         }
+        t.digests = Some((now, b));
         b
     }
 
@@ -757,6 +769,9 @@ impl FleetView {
             keep
         });
         t.bytes -= freed;
+        if freed > 0 {
+            t.digests = None;
+        }
         if t.peers.len() == before
             && self.transport.known().len() <= t.peers.len() + self.bootstrap.len()
         {
@@ -783,6 +798,12 @@ impl FleetView {
             }
         }
         c
+    }
+
+    /// The highest version of `dir` any record this node has seen shows
+    /// (its own included).
+    pub fn seen(&self, dir: &str) -> u64 {
+        self.table.locked().seen.get(dir).copied().unwrap_or(0)
     }
 
     /// Bytes of records held (the fleet view's memory, less the map).
@@ -832,6 +853,7 @@ impl Members for FleetView {
         }
         p.state = state;
         p.swim = true;
+        t.digests = None;
         drop(t);
         if state != Liveness::Down {
             self.learned.notify_waiters();

@@ -89,6 +89,11 @@ impl FleetSim {
         self.views[i].set_dir(DIR, own(version(v, i), "idle"));
     }
 
+    /// Whether node `i` knows of version `v` (or newer) of [`DIR`].
+    pub fn knows(&self, i: usize, v: u64) -> bool {
+        self.views[i].seen(DIR) >= v
+    }
+
     /// How many nodes know of version `v` (or newer) of [`DIR`].
     pub fn knowing(&self, v: u64) -> usize {
         self.views
