@@ -207,16 +207,7 @@ impl PeerHandler for PeerService {
     }
 
     async fn swim(&self, _caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
-        let data = p.data;
-        self.node
-            .metrics
-            .gossip_messages
-            .with_label_values(&["swim", "received"])
-            .inc();
-        if let Some(swim) = self.node.fleet.swim.get() {
-            swim.packet(data).map_err(Status::invalid_argument)?;
-        }
-        Ok(())
+        Ok(self.node.fleet.swim_packet(p.data)?)
     }
 
     async fn get_nodes(

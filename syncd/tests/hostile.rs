@@ -7,7 +7,8 @@
 //! bytes it serves (which may be anything: nodes the builder would never
 //! make, chunks that lie about their length), and counters of the calls it
 //! receives. A replica is started with the fake as its only bootstrap peer;
-//! it learns the fake's holdings through its own 500 ms `Exchange` calls.
+//! it learns the fake's record through its own `Exchange` calls, one per
+//! gossip round (the fake is a bootstrap address SWIM never confirms).
 //! Where the attack is on the serving side, the test is the client.
 //!
 //! | test                 | issue item                                   |
@@ -1288,6 +1289,19 @@ fn chunk_length_lie() {
         let temps = temp_files_settle(&rig.r.data);
         assert!(temps.is_empty(), "{stage} lie: temp files left: {temps:?}");
         rig.assert_unchanged(&current, "a recipe lying about chunk lengths");
+        // Counted against the peer that sent them (issue 9).
+        let peers = ctl_json(&rig.r, &["peers"]);
+        let corrupt = peers["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node_id"] == EVIL)
+            .and_then(|p| p["corrupt_chunks"].as_u64())
+            .unwrap_or(0);
+        assert!(
+            corrupt > 0,
+            "{stage} lie: no corrupt chunk counted against {EVIL}: {peers}"
+        );
         eprintln!(
             "chunk_length_lie ({stage}): the fake answered {} GetChunks calls",
             rig.fake.get_chunks() - served_before

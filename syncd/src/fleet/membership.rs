@@ -88,8 +88,8 @@ impl Liveness {
 pub trait Members: Send + Sync + 'static {
     /// A member's liveness changed (or it was first seen).
     fn member(&self, id: &Ident, state: Liveness);
-    /// A SWIM packet is about to be sent (for accounting).
-    fn sending(&self) {}
+    /// A SWIM packet of `bytes` is about to be sent (for accounting).
+    fn sending(&self, _bytes: usize) {}
 }
 
 enum Input {
@@ -121,24 +121,45 @@ impl std::fmt::Debug for Input {
 /// Timings for a fleet on a LAN, over TCP: probe every second, a probe
 /// answered within 500 ms, suspicion becomes "down" after a few periods.
 fn config(expected_members: usize) -> foca::Config {
-    let size = std::num::NonZeroU32::new(expected_members.clamp(2, 1 << 20) as u32)
-        .expect("clamped to at least 2");
+    // Suspicion timings as for 64 members at least (as before the
+    // announce period scaled).
+    let size = std::num::NonZeroU32::new(expected_members.clamp(64, 1 << 20) as u32)
+        .expect("clamped to at least 64");
     let mut c = foca::Config::new_lan(size);
     c.max_packet_size = NonZeroUsize::new(MAX_PACKET).expect("non-zero");
     // Announce (a full membership exchange, accepted whatever identity the
     // receiver knows us by) more often than the LAN profile's 30 s / 65 s,
     // so views that diverged across a partition or a rejoin converge in
-    // seconds.
+    // seconds — in a small fleet. Each answer carries the member list (up
+    // to 32 KiB), so the period grows with the fleet: every 5 s up to 16
+    // members, then in proportion, at most every 2 minutes; idle SWIM
+    // traffic per node then stays flat as the fleet grows.
+    let scale = (expected_members / 16).max(1) as u32;
+    let every = |base: u64| {
+        Duration::from_secs(base)
+            .saturating_mul(scale)
+            .min(ANNOUNCE_MAX)
+    };
     let one = NonZeroUsize::new(1).expect("non-zero");
     c.periodic_announce = Some(foca::PeriodicParams {
-        frequency: Duration::from_secs(5),
+        frequency: every(5),
         num_members: one,
     });
     c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-        frequency: Duration::from_secs(10),
+        frequency: every(10),
         num_members: NonZeroUsize::new(2).expect("non-zero"),
     });
     c
+}
+
+/// Longest period between periodic announces, however large the fleet.
+const ANNOUNCE_MAX: Duration = Duration::from_secs(120);
+
+/// The fleet size a configuration is made for: the member count rounded
+/// up to a power of two, so the configuration changes only when the fleet
+/// doubles or halves.
+fn size_class(members: usize) -> usize {
+    members.max(16).next_power_of_two()
 }
 
 impl Swim {
@@ -214,8 +235,9 @@ async fn run(
     tx: mpsc::Sender<Input>,
     mut rx: mpsc::Receiver<Input>,
 ) {
+    let mut configured = size_class(0);
     let mut foca: Foca<Ident, PostcardCodec, StdRng, NoCustomBroadcast> =
-        Foca::new(me.clone(), config(64), rng, PostcardCodec);
+        Foca::new(me.clone(), config(configured), rng, PostcardCodec);
     let mut rt = foca::AccumulatingRuntime::new();
     // Suspect is not a foca notification: compare snapshots instead.
     let mut known: BTreeMap<String, (Ident, Liveness)> = BTreeMap::new();
@@ -265,8 +287,15 @@ async fn run(
         if let Err(e) = result {
             tracing::debug!(error = %e, "SWIM input rejected");
         }
+        let class = size_class(foca.num_members() + 1);
+        if class != configured {
+            match foca.set_config(config(class)) {
+                Ok(()) => configured = class,
+                Err(e) => tracing::debug!(error = %e, "SWIM configuration unchanged"),
+            }
+        }
         while let Some((to, data)) = rt.to_send() {
-            members.sending();
+            members.sending(data.len());
             tokio::spawn(send(transport.clone(), to.address, data));
         }
         while let Some((after, timer)) = rt.to_schedule() {

@@ -409,14 +409,19 @@ impl FleetView {
     /// Takes in a record, validated. Returns whether it changed what this
     /// node knows.
     pub fn learn(&self, h: pb::Holdings, via: Via<'_>) -> Result<bool, Refusal> {
+        let peer = || match via {
+            Via::Direct => h
+                .from
+                .as_ref()
+                .map_or_else(String::new, |m| wire::short(&m.node_id)),
+            Via::Relay(p) => p.to_string(),
+        };
+        wire::check_protocol(h.protocol).map_err(|reason| Refusal::Protocol {
+            peer: peer(),
+            reason,
+        })?;
         let from = wire::check_record(&h).map_err(|reason| Refusal::Invalid {
-            peer: match via {
-                Via::Direct => h
-                    .from
-                    .as_ref()
-                    .map_or_else(String::new, |m| wire::short(&m.node_id)),
-                Via::Relay(p) => p.to_string(),
-            },
+            peer: peer(),
             reason,
         })?;
         let id = from.node_id.clone();
@@ -806,6 +811,24 @@ impl FleetView {
         self.table.locked().seen.get(dir).copied().unwrap_or(0)
     }
 
+    /// A SWIM packet from a peer, counted and handed to SWIM.
+    pub fn swim_packet(&self, data: bytes::Bytes) -> Result<(), Refusal> {
+        let m = &self.metrics;
+        m.gossip_messages
+            .with_label_values(&["swim", "received"])
+            .inc();
+        m.gossip_bytes
+            .with_label_values(&["swim", "received"])
+            .inc_by(data.len() as u64);
+        if let Some(swim) = self.swim.get() {
+            swim.packet(data).map_err(|reason| Refusal::Invalid {
+                peer: "(a SWIM packet names no sender)".into(),
+                reason: reason.into(),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Bytes of records held (the fleet view's memory, less the map).
     pub fn view_bytes(&self) -> usize {
         self.table.locked().bytes
@@ -860,11 +883,15 @@ impl Members for FleetView {
         }
     }
 
-    fn sending(&self) {
+    fn sending(&self, bytes: usize) {
         self.metrics
             .gossip_messages
             .with_label_values(&["swim", "sent"])
             .inc();
+        self.metrics
+            .gossip_bytes
+            .with_label_values(&["swim", "sent"])
+            .inc_by(bytes as u64);
     }
 }
 

@@ -40,9 +40,6 @@ impl PeerHandler for FleetPeer {
     }
 
     async fn swim(&self, _: Caller, p: pb::SwimPacket) -> Result<(), Status> {
-        if let Some(swim) = self.0.swim.get() {
-            swim.packet(p.data).map_err(Status::invalid_argument)?;
-        }
-        Ok(())
+        Ok(self.0.swim_packet(p.data)?)
     }
 }

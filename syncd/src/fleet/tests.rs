@@ -307,3 +307,30 @@ async fn digests_converge_without_pushes_and_idle_rounds_stay_small() {
     let idle = (net.bytes_from_all() - before) as f64 / views.len() as f64;
     assert!(idle < 300.0, "an idle round cost {idle} bytes per node");
 }
+
+/// A peer of another protocol version is refused with a clear error, at
+/// both steps of a round and for pushed records.
+#[tokio::test(start_paused = true)]
+async fn a_peer_of_another_protocol_is_refused_clearly() {
+    let net = MemNet::new();
+    let views = fleet(&net, 2, 5);
+    let t = net.transport("10.9.9.9:7400");
+    let old = pb::GossipRequest {
+        protocol: 1,
+        from: "old".into(),
+        digest: 7,
+        ..Default::default()
+    };
+    let e = t.gossip(&views[0].address, old).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("protocol 1") && e.message().contains("this node speaks 2"),
+        "{e}"
+    );
+    let mut rec = record("old", 1, Default::default(), vec!["www"]);
+    rec.protocol = 1;
+    let e = t.exchange(&views[0].address, rec).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("protocol 1"), "{e}");
+    assert!(!views[0].peers().iter().any(|(id, _)| id == "old"));
+}

@@ -77,6 +77,38 @@ impl FleetSim {
         }
     }
 
+    /// Starts SWIM on every node (membership then also comes from it;
+    /// node 0 is everyone's bootstrap address).
+    pub fn start_swim(&mut self) {
+        let bootstrap = vec![self.views[0].address.clone()];
+        for v in &self.views {
+            let swim = crate::fleet::Swim::start(
+                Ident {
+                    address: v.address.clone(),
+                    node_id: v.id.clone(),
+                    bump: 1,
+                },
+                bootstrap.clone(),
+                v.clone(),
+                v.transport.clone(),
+                v.env.fork(),
+            );
+            let _ = v.swim.set(swim);
+        }
+    }
+
+    /// SWIM bytes every node sent and received, in all.
+    pub fn swim_bytes(&self) -> u64 {
+        self.views
+            .iter()
+            .map(|v| {
+                let m = &v.metrics.gossip_bytes;
+                m.with_label_values(&["swim", "sent"]).get()
+                    + m.with_label_values(&["swim", "received"]).get()
+            })
+            .sum()
+    }
+
     /// Starts every node's gossip.
     pub fn start(&mut self, opts: Options) {
         for v in &self.views {
