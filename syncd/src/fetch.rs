@@ -136,7 +136,13 @@ impl State {
         {
             return Ok(self.retry.remove(pos));
         }
+        // Nearest first: the k-th live peer in rank starts a new window only
+        // while more than k are left unstarted, so a small transfer comes
+        // from the nearest peer and the others help only when there is
+        // work enough for them too.
+        let better_alive = (0..peer).filter(|&q| !self.dead[q]).count();
         if self.next < self.windows.len()
+            && self.windows.len() - self.next > better_alive
             && self.windows[self.next].start <= self.consumed + cfg.ahead_bytes
         {
             self.next += 1;

@@ -253,3 +253,21 @@ fn workers_stay_within_the_read_ahead_bound() {
         "the first was read already"
     );
 }
+
+/// Nearest first: a transfer of one window comes from the first-ranked
+/// peer only, however the workers are scheduled (100 tries); with work
+/// for both, both serve (the test above).
+#[test]
+fn a_small_transfer_comes_from_the_nearest_peer() {
+    let rt = runtime();
+    let d = data(3); // one window of 4 chunks
+    for _ in 0..100 {
+        let (near, far) = (peer("near", d.bytes.clone()), peer("far", d.bytes.clone()));
+        let asked_far = far.asked.clone();
+        let f = start(&rt, &d, vec![Arc::new(near), Arc::new(far)]);
+        let (f, got) = read_all(&rt, f, &d);
+        assert!(got.iter().all(Option::is_some));
+        assert_eq!(asked_far.load(Ordering::SeqCst), 0);
+        assert_eq!(f.received_by_peer()[0].1, 3 * (64 << 10));
+    }
+}
