@@ -33,6 +33,9 @@ pub enum Refusal {
     /// A directory or object this node does not have.
     #[error("{0}")]
     NotFound(String),
+    /// This node is shutting down.
+    #[error("{0}")]
+    Stopping(String),
     /// This node failed (a bug or its own storage).
     #[error("{0}")]
     Internal(String),
@@ -47,6 +50,7 @@ impl Refusal {
             Refusal::Protocol { .. } => Status::failed_precondition(msg),
             Refusal::Full(_) | Refusal::Busy(_) => Status::resource_exhausted(msg),
             Refusal::NotFound(_) => Status::not_found(msg),
+            Refusal::Stopping(_) => Status::unavailable(msg),
             Refusal::Internal(_) => Status::internal(msg),
         }
     }

@@ -99,10 +99,9 @@ type StreamPermits = (
 );
 
 impl Serving {
-    fn admit_stream(&self, peer: Option<std::net::IpAddr>) -> Result<StreamPermits, Status> {
-        let busy = |what: &str| {
-            Status::resource_exhausted(format!("serving {what}; ask another peer or retry later"))
-        };
+    fn admit_stream(&self, peer: Option<std::net::IpAddr>) -> Result<StreamPermits, Refusal> {
+        let busy =
+            |what: &str| Refusal::Busy(format!("serving {what}; ask another peer or retry later"));
         let per =
             match peer {
                 Some(ip) => Some(self.per_peer.of(ip).try_acquire_owned().map_err(|_| {
@@ -120,31 +119,45 @@ impl Serving {
 
     /// Waits (up to 10 s) for a turn to answer a `GetNodes` call: a peer
     /// gets at most [`MAX_NODE_CALLS_PER_PEER`] of the [`MAX_NODE_CALLS`].
-    async fn admit_nodes(&self, peer: Option<std::net::IpAddr>) -> Result<NodePermits, Status> {
+    async fn admit_nodes(&self, peer: Option<std::net::IpAddr>) -> Result<NodePermits, Refusal> {
         let wait = std::time::Duration::from_secs(10);
-        let busy = || Status::resource_exhausted("busy serving manifest nodes; retry later");
+        let busy = || Refusal::Busy("busy serving manifest nodes; retry later".into());
+        let stopping = |_| Refusal::Stopping("shutting down".into());
         let per = match peer {
             Some(ip) => Some(
                 tokio::time::timeout(wait, self.nodes_per_peer.of(ip).acquire_owned())
                     .await
                     .map_err(|_| busy())?
-                    .map_err(|_| Status::unavailable("shutting down"))?,
+                    .map_err(stopping)?,
             ),
             None => None,
         };
         let total = tokio::time::timeout(wait, self.nodes.clone().acquire_owned())
             .await
             .map_err(|_| busy())?
-            .map_err(|_| Status::unavailable("shutting down"))?;
+            .map_err(stopping)?;
         Ok((total, per))
     }
 }
 
 type NodePermits = StreamPermits;
 
-fn hash_of(b: &[u8]) -> Result<Hash, Status> {
-    Hash::from_slice(b)
-        .ok_or_else(|| Status::invalid_argument(format!("hash of {} bytes, expected 32", b.len())))
+fn hash_of(b: &[u8]) -> Result<Hash, Refusal> {
+    Hash::from_slice(b).ok_or_else(|| Refusal::Invalid {
+        peer: "(the caller)".into(),
+        reason: format!("hash of {} bytes, expected 32", b.len()),
+    })
+}
+
+/// A malformed request from the caller at `caller`.
+fn invalid(caller: Caller, reason: impl Into<String>) -> Status {
+    Refusal::Invalid {
+        peer: caller
+            .ip
+            .map_or_else(|| "(unknown address)".into(), |ip| ip.to_string()),
+        reason: reason.into(),
+    }
+    .into()
 }
 
 /// The server half.
@@ -218,9 +231,10 @@ impl PeerHandler for PeerService {
         let peer_ip = caller.ip;
         let ids = req.ids;
         if ids.len() > MAX_NODES_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "more than {MAX_NODES_PER_CALL} node ids"
-            )));
+            return Err(invalid(
+                caller,
+                format!("more than {MAX_NODES_PER_CALL} node ids"),
+            ));
         }
         let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
         let permit = self.serving.admit_nodes(peer_ip).await?;
@@ -244,7 +258,7 @@ impl PeerHandler for PeerService {
             Ok::<_, StoreError>(out)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Refusal::Internal(e.to_string()))?
         .map_err(Refusal::from)?;
         Ok(pb::GetNodesResponse { nodes })
     }
@@ -258,20 +272,23 @@ impl PeerHandler for PeerService {
         if !(r.requester.is_empty() || crate::wire::is_id(&r.requester))
             || !crate::wire::is_id(&r.dir)
         {
-            return Err(Status::invalid_argument(
+            return Err(invalid(
+                caller,
                 "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
             ));
         }
         if r.hashes.len() > MAX_CHUNKS_PER_CALL {
-            return Err(Status::invalid_argument(format!(
-                "more than {MAX_CHUNKS_PER_CALL} chunks"
-            )));
+            return Err(invalid(
+                caller,
+                format!("more than {MAX_CHUNKS_PER_CALL} chunks"),
+            ));
         }
         if !self.node.carries(&r.dir) {
-            return Err(Status::not_found(format!(
+            return Err(Refusal::NotFound(format!(
                 "this node does not carry directory {:?}",
                 r.dir
-            )));
+            ))
+            .into());
         }
         // Each chunk once, however often it is named: a 2 KB request must
         // not make us send the same chunk a thousand times.
