@@ -386,21 +386,27 @@ fn peers_text(p: &pba::PeersReply) -> String {
     format!("{t}\n")
 }
 
+const FLEET_COLUMNS: [&str; 10] = [
+    "NODE",
+    "STATE",
+    "DIR",
+    "MODE",
+    "VERSION",
+    "LAG",
+    "DIR STATE",
+    "RATE",
+    "PENDING",
+    "LAST ERROR",
+];
+
+fn fleet_table() -> Table {
+    table(&FLEET_COLUMNS)
+}
+
 fn fleet_text(f: &pba::FleetReply) -> String {
     let mut out = String::new();
     let mut group = None;
-    let mut t = table(&[
-        "NODE",
-        "STATE",
-        "DIR",
-        "MODE",
-        "VERSION",
-        "LAG",
-        "DIR STATE",
-        "RATE",
-        "PENDING",
-        "LAST ERROR",
-    ]);
+    let mut t = fleet_table();
     let label =
         |n: &pba::FleetNode, k: &str| n.labels.get(k).cloned().unwrap_or_else(|| "-".into());
     for n in &f.nodes {
@@ -408,18 +414,7 @@ fn fleet_text(f: &pba::FleetReply) -> String {
         if group.as_ref() != Some(&g) {
             if group.is_some() {
                 out.push_str(&format!("{t}\n\n"));
-                t = table(&[
-                    "NODE",
-                    "STATE",
-                    "DIR",
-                    "MODE",
-                    "VERSION",
-                    "LAG",
-                    "DIR STATE",
-                    "RATE",
-                    "PENDING",
-                    "LAST ERROR",
-                ]);
+                t = fleet_table();
             }
             out.push_str(&format!("region {} / zone {}\n", g.0, g.1));
             group = Some(g);
