@@ -248,7 +248,16 @@ async fn handles_drive_the_actor_and_busy_slots_make_it_wait() {
     .await
     .expect("the rescan did not wait for a slot")
     .unwrap();
-    assert_eq!(node.fleet.own_record().reports[0].state, "waiting");
+    // The record follows the status (right after it, on the actor's thread).
+    let mut shown = false;
+    for _ in 0..1000 {
+        if node.fleet.own_record().reports[0].state == "waiting" {
+            shown = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(shown, "the fleet record never showed waiting");
     drop(slots);
     // (The watcher may have asked for the same scan first: either way,
     // when the rescan answers, the new file is the new version.)
