@@ -236,7 +236,7 @@ mod tests {
         assert!(invalid.to_status().message().contains("evil"));
         let old = Refusal::Protocol {
             peer: "old".into(),
-            reason: crate::wire::check_protocol(1).unwrap_err(),
+            reason: "peer speaks syncd protocol 1".into(),
         };
         assert_eq!(old.to_status().code(), tonic::Code::FailedPrecondition);
         assert_eq!(

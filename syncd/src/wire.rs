@@ -1,7 +1,7 @@
 //! What a peer's words must look like before anything uses them: the one
 //! place for the id rule (configuration, records, requests), member and
 //! record validation, and the bounds of a record. Errors name what was
-//! wrong and, through [`crate::error`], whose fault it was.
+//! wrong, so refusals can say whose fault it was.
 
 use prost::Message as _;
 use sync_proto::pb;

@@ -29,9 +29,14 @@ use crate::topology::PeerClass;
 use crate::transport::Transport;
 use crate::wire;
 
+use digest::{bucket_of, key_hash, record_hash};
+pub use peers::{Holder, OwnDir, PeerState, Via};
+
+mod digest;
 pub mod gossip;
 pub mod membership;
 pub mod peer;
+mod peers;
 
 pub use membership::{Ident, Liveness, Members, Swim};
 
@@ -54,132 +59,6 @@ const UNCONFIRMED_FOR: Duration = Duration::from_secs(15);
 /// most this often (they change every second during a transfer; versions
 /// and states enter at once).
 const SOFT_EVERY: Duration = Duration::from_secs(5);
-
-/// What this node knows of one peer.
-#[derive(Debug, Clone)]
-pub struct PeerState {
-    pub address: String,
-    pub labels: BTreeMap<String, String>,
-    /// Its latest record (absent until one arrives).
-    pub record: Option<Arc<pb::Holdings>>,
-    /// The record key's digest and the peer's bucket.
-    hash: u64,
-    bucket: usize,
-    /// From SWIM, once SWIM has reported the peer (`swim`).
-    pub state: Liveness,
-    pub swim: bool,
-    /// Last direct exchange with it (on the environment's clock).
-    pub heard: tokio::time::Instant,
-    /// Gossip round trip, smoothed (0: not measured).
-    pub rtt_ms: f64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Chunks it sent that failed their length or hash check.
-    pub corrupt_chunks: u64,
-    /// When SWIM declared it down (for forgetting it after [`DEAD_TTL`]).
-    pub down_since: Option<tokio::time::Instant>,
-}
-
-impl PeerState {
-    fn new(address: String, now: tokio::time::Instant) -> PeerState {
-        PeerState {
-            address,
-            labels: BTreeMap::new(),
-            record: None,
-            hash: 0,
-            bucket: 0,
-            state: Liveness::Alive,
-            swim: false,
-            heard: now,
-            rtt_ms: 0.0,
-            bytes_sent: 0,
-            bytes_received: 0,
-            corrupt_chunks: 0,
-            down_since: None,
-        }
-    }
-
-    /// SWIM's verdict; for a peer SWIM has not reported, alive while its
-    /// direct exchanges keep succeeding.
-    pub fn liveness(&self) -> Liveness {
-        if self.swim {
-            self.state
-        } else if self.heard.elapsed() < UNCONFIRMED_FOR {
-            Liveness::Alive
-        } else {
-            Liveness::Down
-        }
-    }
-
-    pub fn live(&self) -> bool {
-        self.liveness() != Liveness::Down
-    }
-
-    /// Whether it has been down long enough to be forgotten.
-    fn expired(&self) -> bool {
-        if self.swim {
-            self.state == Liveness::Down && self.down_since.is_some_and(|t| t.elapsed() >= DEAD_TTL)
-        } else {
-            self.heard.elapsed() >= UNCONFIRMED_FOR + DEAD_TTL
-        }
-    }
-
-    /// The version of `dir` it holds completely.
-    pub fn held(&self, dir: &str) -> Option<&pb::DirVersion> {
-        self.record.as_ref()?.dirs.iter().find(|v| v.dir == dir)
-    }
-
-    /// The version of `dir` it is receiving.
-    pub fn pulling(&self, dir: &str) -> Option<&pb::DirVersion> {
-        self.record.as_ref()?.pulling.iter().find(|v| v.dir == dir)
-    }
-
-    fn key(&self) -> (u64, u64) {
-        self.record
-            .as_ref()
-            .map_or((0, 0), |r| (r.incarnation, r.seq))
-    }
-}
-
-/// One of this node's directories as its record shows it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct OwnDir {
-    pub held: Option<pb::DirVersion>,
-    pub pulling: Option<pb::DirVersion>,
-    pub report: pb::DirReport,
-}
-
-impl OwnDir {
-    /// Whether `other` differs in more than rate and pending bytes.
-    fn differs_hard(&self, other: &OwnDir) -> bool {
-        let strip = |d: &OwnDir| {
-            let mut d = d.clone();
-            d.report.rate = 0.0;
-            d.report.pending_bytes = 0;
-            d
-        };
-        strip(self) != strip(other)
-    }
-}
-
-/// A peer to fetch a version from.
-#[derive(Debug, Clone)]
-pub struct Holder {
-    pub id: String,
-    pub address: String,
-    pub class: PeerClass,
-    /// Only part of the version (it is receiving it too).
-    pub partial: bool,
-}
-
-/// How a record arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via<'a> {
-    /// From its owner, in an `Exchange`.
-    Direct,
-    /// Relayed by gossip from the named peer.
-    Relay(&'a str),
-}
 
 #[derive(Debug)]
 struct Own {
@@ -239,25 +118,6 @@ impl std::fmt::Debug for FleetView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetView").field("id", &self.id).finish()
     }
-}
-
-/// The 64-bit digest of a record key, and its bucket.
-fn key_hash(node: &str, incarnation: u64, seq: u64) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(node.as_bytes());
-    h.update(&[0]);
-    h.update(&incarnation.to_le_bytes());
-    h.update(&seq.to_le_bytes());
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-fn bucket_of(node: &str) -> usize {
-    blake3::hash(node.as_bytes()).as_bytes()[0] as usize % BUCKETS
-}
-
-fn record_hash(r: &pb::Holdings) -> u64 {
-    let id = r.from.as_ref().map_or("", |m| m.node_id.as_str());
-    key_hash(id, r.incarnation, r.seq)
 }
 
 impl FleetView {
@@ -638,113 +498,6 @@ impl FleetView {
 
     pub(crate) async fn push_wanted(&self) {
         self.pushed.notified().await
-    }
-
-    /// The bucket digests of the records in the digest: this node's own
-    /// and those of live peers.
-    pub fn buckets(&self) -> [u64; BUCKETS] {
-        let mut t = self.table.locked();
-        let now = self.env.now();
-        if let Some((at, b)) = t.digests
-            && now.duration_since(at) < Duration::from_secs(1)
-        {
-            return b;
-        }
-        let mut b = [0u64; BUCKETS];
-        b[bucket_of(&self.id)] ^= t.own.hash;
-        for p in t.peers.values() {
-            if p.record.is_some() && p.live() {
-                b[p.bucket] ^= p.hash;
-            }
-        }
-        t.digests = Some((now, b));
-        b
-    }
-
-    /// The whole digest: the bucket digests folded together.
-    pub fn digest(&self) -> u64 {
-        self.buckets().iter().fold(0, |a, b| a ^ b)
-    }
-
-    /// Keys of the records in `buckets`.
-    pub fn keys_in(&self, buckets: &[u32]) -> Vec<pb::RecordKey> {
-        let want: HashSet<usize> = buckets.iter().map(|b| *b as usize).collect();
-        let t = self.table.locked();
-        let own = &t.own.record;
-        let mut out = Vec::new();
-        if want.contains(&bucket_of(&self.id)) {
-            out.push(pb::RecordKey {
-                node_id: self.id.clone(),
-                incarnation: own.incarnation,
-                seq: own.seq,
-            });
-        }
-        for (id, p) in &t.peers {
-            if p.record.is_some() && want.contains(&p.bucket) && p.live() {
-                let (incarnation, seq) = p.key();
-                out.push(pb::RecordKey {
-                    node_id: id.clone(),
-                    incarnation,
-                    seq,
-                });
-            }
-        }
-        out
-    }
-
-    /// Step 2 of a round, answered: records newer here than the caller's
-    /// `keys` in `buckets` (or missing there), and the ids whose records
-    /// are newer at the caller.
-    pub fn reconcile(
-        &self,
-        buckets: &[u32],
-        keys: &[pb::RecordKey],
-    ) -> (Vec<pb::Holdings>, Vec<String>) {
-        let theirs: HashMap<&str, (u64, u64)> = keys
-            .iter()
-            .map(|k| (k.node_id.as_str(), (k.incarnation, k.seq)))
-            .collect();
-        let mine: HashMap<String, (u64, u64)> = self
-            .keys_in(buckets)
-            .into_iter()
-            .map(|k| (k.node_id, (k.incarnation, k.seq)))
-            .collect();
-        let newer_here: Vec<&str> = mine
-            .iter()
-            .filter(|(id, k)| theirs.get(id.as_str()).is_none_or(|t| *t < **k))
-            .map(|(id, _)| id.as_str())
-            .collect();
-        let records = self.records(newer_here.iter().copied());
-        let want = theirs
-            .iter()
-            .filter(|(id, k)| mine.get(**id).is_none_or(|m| m < k))
-            .map(|(id, _)| id.to_string())
-            .take(gossip::MAX_RECORDS_PER_CALL)
-            .collect();
-        (records, want)
-    }
-
-    /// The records of `ids` this node has (its own included), within one
-    /// call's bounds.
-    pub fn records<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<pb::Holdings> {
-        let t = self.table.locked();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for id in ids {
-            let r = if id == self.id {
-                Some(&t.own.record)
-            } else {
-                t.peers.get(id).and_then(|p| p.record.as_ref())
-            };
-            if let Some(r) = r {
-                bytes += r.encoded_len();
-                if out.len() >= gossip::MAX_RECORDS_PER_CALL || bytes > gossip::MAX_CALL_BYTES {
-                    break;
-                }
-                out.push((**r).clone());
-            }
-        }
-        out
     }
 
     /// A gossip round trip to peer `id` took `took`.
