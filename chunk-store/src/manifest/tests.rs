@@ -1,8 +1,9 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::error::{Error, Origin};
 
 fn chunk(i: u8) -> ChunkEntry {
     ChunkEntry {
