@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::chunker::chunk_bytes;
-use crate::manifest::{ChangeKind, diff, list, read_recipe};
+use crate::manifest::{ChangeKind, ChunkEntry, diff, list, read_recipe};
 use crate::{ChunkerConfig, Hash};
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
