@@ -19,7 +19,7 @@
 //! chunk locations) goes into one [`Batch`], which RocksDB commits as one
 //! WAL record: after a crash either all of it is there or none.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
@@ -31,6 +31,11 @@ use crate::error::{Error, Origin};
 use crate::manifest::{self, EntryMeta, NodeSink, NodeSource};
 use crate::{ChunkerConfig, Hash};
 
+mod check;
+mod gc;
+
+pub use check::CheckReport;
+
 const CF_FILES: &str = "files";
 const CF_CHUNKS: &str = "chunks";
 const CF_NODES: &str = "nodes";
@@ -39,11 +44,6 @@ const CF_META: &str = "meta";
 const FORMAT: &str = "syncd-index-1";
 const RECORD_VERSION: u8 = 1;
 const MAX_DIR_ID: usize = 128;
-
-/// Once this many bytes of manifest nodes were written since the last
-/// collection, the next scan sweeps unreachable nodes. A sweep reads every
-/// node key, so it is amortised over at least this much churn.
-const GC_THRESHOLD_BYTES: u64 = 64 << 20;
 
 /// A file, directory or symlink as last seen on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -433,161 +433,6 @@ impl Store {
             .map_err(|e| Error::db("read node", e))?
             .is_some())
     }
-
-    /// Deletes manifest nodes reachable from no published root and no file
-    /// record, if enough were written since the last sweep (or `force`).
-    /// Returns how many were deleted.
-    pub fn collect_garbage(&self, force: bool) -> Result<u64, Error> {
-        if !force && self.gc_pending()? < GC_THRESHOLD_BYTES {
-            return Ok(0);
-        }
-        let mut live: HashSet<Hash> = HashSet::new();
-        let mut recipes: HashSet<Hash> = HashSet::new();
-        for (dir, rec) in self.roots()? {
-            self.mark_dir_tree(&rec.root, &mut live, &mut recipes)?;
-            for r in self.file_records(&dir)?.values() {
-                if let EntryMeta::File { recipe, .. } = &r.meta {
-                    recipes.insert(*recipe);
-                }
-            }
-        }
-        for r in &recipes {
-            live.extend(manifest::recipe_node_ids(self, r)?);
-        }
-        let mut wb = WriteBatch::default();
-        let mut deleted = 0;
-        for item in self.db.iterator_cf(self.cf(CF_NODES), IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| Error::db("scan nodes", e))?;
-            if !Hash::from_slice(&k).is_some_and(|h| live.contains(&h)) {
-                wb.delete_cf(self.cf(CF_NODES), &k);
-                deleted += 1;
-            }
-        }
-        wb.put_cf(self.cf(CF_META), "gc-pending", 0u64.to_le_bytes());
-        self.write(wb, false)?;
-        tracing::debug!(deleted, live = live.len(), "swept manifest nodes");
-        Ok(deleted)
-    }
-
-    /// Marks every directory node under `root` and collects file recipes.
-    fn mark_dir_tree(
-        &self,
-        root: &Hash,
-        live: &mut HashSet<Hash>,
-        recipes: &mut HashSet<Hash>,
-    ) -> Result<(), Error> {
-        use manifest::{Node, Tree, load_node};
-        let mut stack = vec![(*root, None)];
-        while let Some((hash, level)) = stack.pop() {
-            if !live.insert(hash) {
-                continue;
-            }
-            match load_node(self, &hash, Tree::Dir, level)? {
-                Node::DirLeaf(entries) => {
-                    for e in entries {
-                        match e.meta {
-                            EntryMeta::File { recipe, .. } => {
-                                recipes.insert(recipe);
-                            }
-                            EntryMeta::Dir { root, .. } => stack.push((root, None)),
-                            EntryMeta::Symlink { .. } => {}
-                        }
-                    }
-                }
-                Node::Index {
-                    level, children, ..
-                } => stack.extend(children.iter().map(|c| (c.hash, Some(level - 1)))),
-                Node::RecipeLeaf(_) => unreachable!("load_node checked the tree"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Verifies the invariants of one directory's index and returns a
-    /// summary; the first violation is an [`Error::Inconsistent`]:
-    ///
-    /// - each file record's recipe is complete and adds up to its size;
-    /// - each distinct chunk of a file has exactly its first location
-    ///   recorded, and every recorded location points at a file record whose
-    ///   recipe has that chunk there;
-    /// - the published root's whole tree (directory nodes and recipes) is
-    ///   present.
-    pub fn check(&self, dir: &str) -> Result<CheckReport, Error> {
-        let bad = |problem: String| Error::Inconsistent {
-            dir: dir.to_string(),
-            problem,
-        };
-        let records = self.file_records(dir)?;
-        let mut expected: HashMap<(Hash, String), (u64, u32)> = HashMap::new();
-        for (path, rec) in &records {
-            if let EntryMeta::File { size, recipe, .. } = &rec.meta {
-                let chunks = manifest::read_recipe(self, recipe)
-                    .map_err(|e| bad(format!("{path}: recipe unreadable: {e}")))?;
-                let mut offset = 0u64;
-                for c in chunks {
-                    expected
-                        .entry((c.hash, path.clone()))
-                        .or_insert((offset, c.len));
-                    offset += u64::from(c.len);
-                }
-                if offset != *size {
-                    return Err(bad(format!(
-                        "{path}: recipe covers {offset} bytes, record says {size}"
-                    )));
-                }
-            }
-        }
-        let mut locations = 0u64;
-        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| Error::db("scan chunk locations", e))?;
-            let (hash, loc) = decode_location(&k, &v)?;
-            if loc.dir != dir {
-                continue;
-            }
-            locations += 1;
-            match expected.remove(&(hash, loc.path.clone())) {
-                Some((offset, len)) if offset == loc.offset && len == loc.len => {}
-                Some(want) if loc.partial => {
-                    return Err(bad(format!(
-                        "{}: partial location of {hash} over a complete file ({want:?})",
-                        loc.path
-                    )));
-                }
-                Some(want) => {
-                    return Err(bad(format!(
-                        "{}: chunk {hash} recorded at {}+{}, recipe has it at {}+{}",
-                        loc.path, loc.offset, loc.len, want.0, want.1
-                    )));
-                }
-                None if loc.partial => {}
-                None => {
-                    return Err(bad(format!(
-                        "stale location: chunk {hash} in {} which no record holds",
-                        loc.path
-                    )));
-                }
-            }
-        }
-        if let Some(((hash, path), _)) = expected.into_iter().next() {
-            return Err(bad(format!("{path}: chunk {hash} has no location")));
-        }
-        let root = self.root(dir)?;
-        if let Some(r) = &root {
-            let entries = manifest::list(self, &r.root)
-                .map_err(|e| bad(format!("published root {}: {e}", r.root)))?;
-            for (path, meta) in entries {
-                if let EntryMeta::File { recipe, .. } = meta {
-                    manifest::read_recipe(self, &recipe)
-                        .map_err(|e| bad(format!("published {path}: {e}")))?;
-                }
-            }
-        }
-        Ok(CheckReport {
-            records: records.len() as u64,
-            locations,
-            root: root.map(|r| r.root),
-        })
-    }
 }
 
 /// See [`Store::chunk_probe`]. Sees the index as of its creation.
@@ -610,14 +455,6 @@ impl ChunkProbe<'_> {
             .key()
             .is_some_and(|k| k.starts_with(hash.as_bytes())))
     }
-}
-
-/// What [`Store::check`] looked at.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckReport {
-    pub records: u64,
-    pub locations: u64,
-    pub root: Option<Hash>,
 }
 
 fn decode_location(k: &[u8], v: &[u8]) -> Result<(Hash, ChunkLocation), Error> {
@@ -741,75 +578,4 @@ impl NodeSink for Batch<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(dir: &Path) -> Store {
-        Store::open(dir, ChunkerConfig::default()).unwrap()
-    }
-
-    #[test]
-    fn refuses_other_chunk_sizes() {
-        let tmp = tempfile::tempdir().unwrap();
-        drop(open(tmp.path()));
-        let other = ChunkerConfig::new(8 << 10, 32 << 10, 128 << 10).unwrap();
-        let err = Store::open(tmp.path(), other).unwrap_err();
-        assert!(matches!(err, Error::ChunkerMismatch { .. }), "{err}");
-        assert!(err.to_string().contains("16384/65536/262144"), "{err}");
-    }
-
-    #[test]
-    fn locations_round_trip_across_reopen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let h = Hash::of(b"chunk");
-        {
-            let s = open(tmp.path());
-            let mut b = s.batch();
-            b.put_location(&h, "www", "a/b.bin", 65536, 1000, false);
-            b.put_location(&h, "www", ".sync-tmp/c.part", 0, 1000, true);
-            b.put_location(&Hash::of(b"other"), "www", "x", 0, 5, false);
-            s.commit(b, true).unwrap();
-        }
-        let s = open(tmp.path());
-        let mut locs = s.chunk_locations(&h).unwrap();
-        locs.sort_by(|a, b| a.path.cmp(&b.path));
-        assert_eq!(
-            locs,
-            vec![
-                ChunkLocation {
-                    dir: "www".into(),
-                    path: ".sync-tmp/c.part".into(),
-                    offset: 0,
-                    len: 1000,
-                    partial: true
-                },
-                ChunkLocation {
-                    dir: "www".into(),
-                    path: "a/b.bin".into(),
-                    offset: 65536,
-                    len: 1000,
-                    partial: false
-                },
-            ]
-        );
-        assert!(s.has_chunk(&h).unwrap());
-        assert!(!s.has_chunk(&Hash::of(b"absent")).unwrap());
-        let mut probe = s.chunk_probe();
-        assert!(probe.has(&h).unwrap());
-        assert!(!probe.has(&Hash::of(b"absent")).unwrap());
-        assert!(probe.has(&Hash::of(b"other")).unwrap());
-        drop(probe);
-        let mut b = s.batch();
-        b.delete_location(&h, "www", "a/b.bin");
-        s.commit(b, false).unwrap();
-        assert_eq!(s.chunk_locations(&h).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn dir_ids_are_validated() {
-        assert!(validate_dir_id("www").is_ok());
-        assert!(validate_dir_id("").is_err());
-        assert!(validate_dir_id("a\0b").is_err());
-        assert!(validate_dir_id(&"x".repeat(129)).is_err());
-    }
-}
+mod tests;
