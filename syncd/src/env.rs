@@ -50,6 +50,11 @@ impl Env {
         self.rng.locked().random_range(range)
     }
 
+    /// A random 64-bit seed (for a component's own generator).
+    pub fn seed(&self) -> u64 {
+        self.rng.locked().random()
+    }
+
     /// `n` distinct indices below `len`, in random order (all of them
     /// when `n >= len`), without touching the items themselves.
     pub fn sample(&self, len: usize, n: usize) -> Vec<usize> {

@@ -1,20 +1,22 @@
-//! Fetching the chunks a replica lacks from several peers at once.
+//! Fetching the chunks a replica lacks from a swarm of peers: full holders
+//! of the version and other receivers of it, which feed each other.
 //!
-//! The diff's missing list is cut into windows (at most 4 MiB or 1024
-//! chunks). One worker per peer connection takes the next window, asks its
-//! peer for it and leaves the verified chunks for the materializer, which
-//! consumes them in the same order. Peers are given in order of preference
-//! (nearest first, partial holders last); a faster peer simply takes more
-//! windows. A window a peer could not serve in full (an error, chunks it
-//! lacks, a chunk that fails BLAKE3) goes back on a retry queue for a peer
-//! that has not tried it; a window every peer failed is reported as
-//! unavailable, never waited on forever.
+//! [`plan`] decides what to ask of whom (rarest first, origin protection,
+//! endgame, nearest first for small transfers); this file runs it: one
+//! worker per call slot of each peer asks its peer for the batch the plan
+//! gives it, and leaves the verified chunks for the materializer, which
+//! consumes them in its order. A receiver peer's have-set is followed with
+//! long polls (`ChunkPeer::haves`), so what it receives becomes available
+//! from it within a round trip. Peers can join mid-transfer
+//! ([`Fetcher::add_peer`]): a receiver that started later serves what it
+//! has as soon as it has it.
 //!
-//! Memory is bounded: workers only start windows that begin within
-//! `ahead_bytes` of what the materializer is consuming, so at most about
-//! `ahead_bytes` plus one window per worker is held.
+//! Memory is bounded: only chunks that begin within `ahead_bytes` of what
+//! the materializer is consuming are asked for, so at most about
+//! `ahead_bytes` plus one batch per call slot is held; have-sets keep
+//! indices of this transfer's own chunk list, never what a peer names.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +26,33 @@ use std::time::Duration;
 use bytes::Bytes;
 use chunk_store::Hash;
 use chunk_store::manifest::ChunkEntry;
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
 
 use crate::locks::LockExt as _;
 use crate::materialize::ChunkSource;
 
-/// What a peer returned: the chunks it had, already verified.
-pub type FetchResult = Result<HashMap<Hash, Bytes>, FetchError>;
+pub mod plan;
+use plan::{Batch, Plan, PlanConfig, Take};
+
+/// What a peer returned: the chunks it had, already verified, and those
+/// it left out to protect its upload (origin protection).
+#[derive(Debug, Default)]
+pub struct Got {
+    pub chunks: HashMap<Hash, Bytes>,
+    pub declined: HashSet<Hash>,
+}
+
+impl From<HashMap<Hash, Bytes>> for Got {
+    fn from(chunks: HashMap<Hash, Bytes>) -> Got {
+        Got {
+            chunks,
+            declined: HashSet::new(),
+        }
+    }
+}
+
+pub type FetchResult = Result<Got, FetchError>;
 
 /// Why a fetch call returned nothing.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,10 +65,30 @@ pub enum FetchError {
     Failed(String),
 }
 
+/// What a receiver peer holds of the version, since the caller's last ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HaveDelta {
+    /// It holds the whole version now.
+    pub complete: bool,
+    /// It neither holds nor receives the version any more.
+    pub gone: bool,
+    /// Where to go on from next time.
+    pub next: u64,
+    pub hashes: Vec<Hash>,
+}
+
+/// A boxed future, as the peer traits return them.
+pub type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// A busy peer is asked again after a pause, this many times in a row at
 /// most (≈ 20 s) before it counts as failing.
 const MAX_BUSY: u32 = 40;
 const BUSY_PAUSE: Duration = Duration::from_millis(500);
+/// A worker with nothing to do looks again this often (besides being
+/// woken by every change).
+const RECHECK: Duration = Duration::from_millis(250);
+/// A receiver's have-set that fails this many polls in a row is dropped.
+const MAX_HAVE_ERRORS: u32 = 3;
 
 /// A peer chunks can be fetched from.
 pub trait ChunkPeer: Send + Sync + 'static {
@@ -53,150 +96,132 @@ pub trait ChunkPeer: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Fetches `chunks`; only chunks that match their hash and the length
     /// the recipe gives may be returned (a peer's bytes are never trusted
-    /// to be the size we planned memory for).
-    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>>;
+    /// to be the size we planned memory for). `insist`: a full holder
+    /// must not leave chunks out to protect its upload.
+    fn fetch(&self, chunks: Vec<ChunkEntry>, insist: bool) -> Fut<FetchResult>;
+    /// What the peer, a receiver of the same version, got since `since`
+    /// (a long poll). Only asked of peers added as receivers.
+    fn haves(&self, _since: u64) -> Fut<Result<HaveDelta, FetchError>> {
+        Box::pin(async {
+            Ok(HaveDelta {
+                complete: true,
+                ..HaveDelta::default()
+            })
+        })
+    }
 }
 
 /// Tuning of a [`Fetcher`].
 #[derive(Clone, Copy, Debug)]
 pub struct FetchConfig {
+    /// Most bytes and chunks asked of a peer in one call.
     pub window_bytes: u64,
     pub window_chunks: usize,
-    /// How far ahead of the materializer windows may be fetched.
+    /// How far ahead of the materializer chunks may be fetched.
     pub ahead_bytes: u64,
-    /// Windows in flight per peer.
+    /// Calls in flight per peer.
     pub per_peer: usize,
     /// A peer whose calls fail this many times in a row is dropped.
     pub max_errors: u32,
     /// With nothing arriving for this long, a read gives up.
     pub stall: Duration,
+    /// The endgame (see [`plan`]).
+    pub endgame_bytes: u64,
+    pub endgame_after: Duration,
+    /// A chunk a full holder left out is asked again, insisting, after this.
+    pub insist_after: Duration,
+    /// Seeds the plan's tie-breaking (receivers pick different chunks).
+    pub seed: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> FetchConfig {
         FetchConfig {
-            window_bytes: 4 << 20,
+            window_bytes: 1 << 20,
             window_chunks: crate::transport::MAX_CHUNKS_PER_CALL,
             ahead_bytes: 64 << 20,
             per_peer: 2,
             max_errors: 3,
             stall: Duration::from_secs(60),
+            endgame_bytes: 8 << 20,
+            endgame_after: Duration::from_secs(1),
+            insist_after: Duration::from_millis(1500),
+            seed: 0,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Status {
-    Waiting,
-    Fetching,
-    Done,
-    Failed,
+impl FetchConfig {
+    fn plan(&self) -> PlanConfig {
+        PlanConfig {
+            batch_bytes: self.window_bytes,
+            batch_chunks: self.window_chunks,
+            ahead_bytes: self.ahead_bytes,
+            per_peer: self.per_peer,
+            max_errors: self.max_errors,
+            endgame_bytes: self.endgame_bytes,
+            endgame_after: self.endgame_after,
+            insist_after: self.insist_after,
+        }
+    }
 }
 
-#[derive(Debug)]
-struct Window {
-    hashes: Vec<ChunkEntry>,
-    /// Which of `hashes` have arrived (they may be consumed since).
-    got: Vec<bool>,
-    /// Byte offset of its first chunk in the missing list.
-    start: u64,
-    status: Status,
-    /// Peers (by index) that have tried it.
-    tried: Vec<bool>,
+/// Told of every chunk this transfer receives, with its bytes (so this
+/// node can announce and serve it to other receivers at once).
+pub type Announce = Arc<dyn Fn(&[(Hash, Bytes)]) + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct PeerCounts {
+    name: String,
+    bytes: u64,
+    chunks: u64,
+    errors: u32,
 }
 
 #[derive(Debug)]
 struct State {
-    windows: Vec<Window>,
-    /// Next window never handed out.
-    next: usize,
-    retry: VecDeque<usize>,
+    plan: Plan,
     ready: HashMap<Hash, Bytes>,
-    window_of: HashMap<Hash, usize>,
-    /// Start of the window the materializer is reading from.
-    consumed: u64,
-    dead: Vec<bool>,
-    /// Failed calls per peer, over the whole transfer.
-    errors: Vec<u32>,
-    workers: usize,
+    peers: Vec<PeerCounts>,
 }
 
-impl State {
-    fn unfinished(&self, w: usize) -> bool {
-        matches!(self.windows[w].status, Status::Waiting | Status::Fetching)
-    }
-
-    /// The next window `peer` should fetch, `Err(())` if it has nothing left
-    /// to do at all, `Ok(None)` to wait.
-    fn take(&mut self, peer: usize, cfg: &FetchConfig) -> Result<Option<usize>, ()> {
-        if let Some(pos) = self
-            .retry
-            .iter()
-            .position(|&w| !self.windows[w].tried[peer])
-        {
-            return Ok(self.retry.remove(pos));
-        }
-        // Nearest first: the k-th live peer in rank starts a new window only
-        // while more than k are left unstarted, so a small transfer comes
-        // from the nearest peer and the others help only when there is
-        // work enough for them too.
-        let better_alive = (0..peer).filter(|&q| !self.dead[q]).count();
-        if self.next < self.windows.len()
-            && self.windows.len() - self.next > better_alive
-            && self.windows[self.next].start <= self.consumed + cfg.ahead_bytes
-        {
-            self.next += 1;
-            return Ok(Some(self.next - 1));
-        }
-        let more = self.next < self.windows.len()
-            || (0..self.windows.len()).any(|w| self.unfinished(w) && !self.windows[w].tried[peer]);
-        if more { Ok(None) } else { Err(()) }
-    }
-
-    /// After `peer` tried window `w`: done, back for another peer, or failed.
-    fn settle(&mut self, w: usize) {
-        let win = &self.windows[w];
-        if win.got.iter().all(|g| *g) {
-            self.windows[w].status = Status::Done;
-        } else if win
-            .tried
-            .iter()
-            .zip(&self.dead)
-            .any(|(tried, dead)| !tried && !dead)
-        {
-            self.windows[w].status = Status::Waiting;
-            self.retry.push_back(w);
-        } else {
-            self.windows[w].status = Status::Failed;
-        }
-    }
-}
-
-#[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
     /// The materializer waits on this for chunks.
     arrived: Condvar,
-    /// Workers wait on this for room ahead or for retries.
+    /// Workers wait on this for work.
     room: tokio::sync::Notify,
     received: Arc<AtomicU64>,
-    per_peer: Vec<AtomicU64>,
-    chunks_per_peer: Vec<AtomicU64>,
+    announce: Option<Announce>,
+    cfg: FetchConfig,
 }
 
-/// Parallel multi-peer chunk fetching for one apply; a [`ChunkSource`].
-/// Dropping it stops its workers.
-#[derive(Debug)]
+impl Shared {
+    fn changed(&self) {
+        self.arrived.notify_all();
+        self.room.notify_waiters();
+    }
+}
+
+/// Swarm chunk fetching for one apply; a [`ChunkSource`]. Dropping it
+/// stops its workers.
 pub struct Fetcher {
     shared: Arc<Shared>,
-    names: Vec<String>,
-    tasks: Vec<tokio::task::AbortHandle>,
-    cfg: FetchConfig,
+    rt: tokio::runtime::Handle,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("peers", &self.lock().peers.len())
+            .finish()
+    }
 }
 
 impl Drop for Fetcher {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.locked().iter() {
             t.abort();
         }
     }
@@ -204,8 +229,9 @@ impl Drop for Fetcher {
 
 impl Fetcher {
     /// Starts fetching `order` (the diff's missing chunks, in the order the
-    /// materializer will read them) from `peers`, most preferred first.
-    /// Verified bytes are added to `received` as they arrive.
+    /// materializer will read them) from `peers`, full holders, most
+    /// preferred first. Verified bytes are added to `received` as they
+    /// arrive.
     pub fn start(
         rt: &tokio::runtime::Handle,
         order: &[ChunkEntry],
@@ -213,103 +239,102 @@ impl Fetcher {
         cfg: FetchConfig,
         received: Arc<AtomicU64>,
     ) -> Fetcher {
-        let mut windows: Vec<Window> = Vec::new();
-        let mut window_of = HashMap::with_capacity(order.len());
-        let mut offset = 0u64;
-        let mut bytes = 0u64;
-        for c in order {
-            let full = windows.last().is_none_or(|w| {
-                w.hashes.len() >= cfg.window_chunks || bytes + u64::from(c.len) > cfg.window_bytes
-            });
-            if full {
-                windows.push(Window {
-                    hashes: Vec::new(),
-                    got: Vec::new(),
-                    start: offset,
-                    status: Status::Waiting,
-                    tried: vec![false; peers.len()],
-                });
-                bytes = 0;
-            }
-            window_of.insert(c.hash, windows.len() - 1);
-            let w = windows.last_mut().expect("pushed above");
-            w.hashes.push(*c);
-            w.got.push(false);
-            bytes += u64::from(c.len);
-            offset += u64::from(c.len);
+        let f = Fetcher::new(rt, order, cfg, received, None);
+        for p in peers {
+            f.add_peer(p, true);
         }
-        let per_peer = cfg.per_peer.max(1);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                windows,
-                next: 0,
-                retry: VecDeque::new(),
-                ready: HashMap::new(),
-                window_of,
-                consumed: 0,
-                dead: vec![false; peers.len()],
-                errors: vec![0; peers.len()],
-                workers: peers.len() * per_peer,
-            }),
-            arrived: Condvar::new(),
-            room: tokio::sync::Notify::new(),
-            received,
-            per_peer: peers.iter().map(|_| AtomicU64::new(0)).collect(),
-            chunks_per_peer: peers.iter().map(|_| AtomicU64::new(0)).collect(),
-        });
-        let names = peers.iter().map(|p| p.name().to_string()).collect();
-        let mut tasks = Vec::new();
-        // Interleave so the preferred peers start first.
-        for _ in 0..per_peer {
-            for (i, p) in peers.iter().enumerate() {
-                let (shared, peer) = (shared.clone(), p.clone());
-                tasks.push(rt.spawn(worker(shared, i, peer, cfg)).abort_handle());
-            }
-        }
+        f
+    }
+
+    /// A fetcher with no peers yet (see [`Fetcher::add_peer`]).
+    pub fn new(
+        rt: &tokio::runtime::Handle,
+        order: &[ChunkEntry],
+        cfg: FetchConfig,
+        received: Arc<AtomicU64>,
+        announce: Option<Announce>,
+    ) -> Fetcher {
         Fetcher {
-            shared,
-            names,
-            tasks,
-            cfg,
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    plan: Plan::new(order, cfg.plan(), cfg.seed),
+                    ready: HashMap::new(),
+                    peers: Vec::new(),
+                }),
+                arrived: Condvar::new(),
+                room: tokio::sync::Notify::new(),
+                received,
+                announce,
+                cfg,
+            }),
+            rt: rt.clone(),
+            tasks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds a peer: a full holder of the version (`full`), or a receiver
+    /// of it whose have-set is followed. Peers rank in the order added.
+    pub fn add_peer(&self, peer: Arc<dyn ChunkPeer>, full: bool) {
+        let id = {
+            let mut st = self.lock();
+            st.peers.push(PeerCounts {
+                name: peer.name().to_string(),
+                ..PeerCounts::default()
+            });
+            st.plan.add_peer(full)
+        };
+        let mut tasks = self.tasks.locked();
+        if !full {
+            let (shared, p) = (self.shared.clone(), peer.clone());
+            tasks.push(self.rt.spawn(follow(shared, id, p)).abort_handle());
+        }
+        for slot in 0..self.shared.cfg.per_peer.max(1) {
+            let (shared, p) = (self.shared.clone(), peer.clone());
+            let seed = self.shared.cfg.seed ^ ((id as u64) << 32) ^ slot as u64;
+            tasks.push(self.rt.spawn(worker(shared, id, p, seed)).abort_handle());
+        }
+        self.shared.changed();
+    }
+
+    /// Names of the peers added so far, in order.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.lock().peers.iter().map(|p| p.name.clone()).collect()
     }
 
     /// Verified bytes received so far by this fetcher.
     pub fn received(&self) -> u64 {
-        self.shared
-            .per_peer
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .sum()
+        self.lock().peers.iter().map(|p| p.bytes).sum()
     }
 
-    /// Verified chunks received per peer, in the order given to `start`.
+    /// Verified chunks received per peer, in the order added.
     pub fn chunks_by_peer(&self) -> Vec<u64> {
-        self.shared
-            .chunks_per_peer
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
+        self.lock().peers.iter().map(|p| p.chunks).collect()
     }
 
     /// Peers that failed calls during this transfer (dropped or not).
     pub fn failed_peers(&self) -> Vec<String> {
-        let st = self.lock();
-        self.names
+        self.lock()
+            .peers
             .iter()
-            .zip(&st.errors)
-            .filter(|(_, e)| **e > 0)
-            .map(|(n, _)| n.clone())
+            .filter(|p| p.errors > 0)
+            .map(|p| p.name.clone())
             .collect()
     }
 
-    /// Verified bytes received per peer, in the order given to `start`.
+    /// Verified bytes received per peer, in the order added.
     pub fn received_by_peer(&self) -> Vec<(String, u64)> {
-        self.names
+        self.lock()
+            .peers
             .iter()
-            .zip(&self.shared.per_peer)
-            .map(|(n, b)| (n.clone(), b.load(Ordering::Relaxed)))
+            .map(|p| (p.name.clone(), p.bytes))
             .collect()
+    }
+
+    /// Bytes still to arrive, and the live peers (all, full holders).
+    pub fn progress(&self) -> (u64, usize, usize) {
+        let st = self.lock();
+        let (live, full) = st.plan.live_peers();
+        (st.plan.remaining(), live, full)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -317,173 +342,169 @@ impl Fetcher {
     }
 }
 
-async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, cfg: FetchConfig) {
-    let mut errors = 0;
+/// One call slot of one peer: asks it for what the plan gives it.
+async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut busy = 0;
     loop {
-        let w = loop {
+        let batch = loop {
             let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
+            match shared
+                .state
+                .locked()
+                .plan
+                .take(peer, tokio::time::Instant::now())
             {
-                let mut st = shared.state.locked();
-                if st.dead[peer] {
-                    break None;
-                }
-                match st.take(peer, &cfg) {
-                    Ok(Some(w)) => {
-                        st.windows[w].status = Status::Fetching;
-                        st.windows[w].tried[peer] = true;
-                        break Some(w);
-                    }
-                    Ok(None) => {}
-                    Err(()) => break None,
-                }
+                Take::Fetch(b) => break Some(b),
+                Take::Done => break None,
+                Take::Wait => {}
             }
-            room.await;
+            // Also time makes work: a declined chunk becomes due for an
+            // insisting ask, a slow call for a second one in the endgame.
+            let _ = tokio::time::timeout(RECHECK, room).await;
         };
-        let Some(w) = w else { break };
-        let want: Vec<ChunkEntry> = {
-            let st = shared.state.locked();
-            let win = &st.windows[w];
-            win.hashes
-                .iter()
-                .zip(&win.got)
-                .filter(|(_, got)| !**got)
-                .map(|(c, _)| *c)
-                .collect()
-        };
-        let result = source.fetch(want.clone()).await;
-        if let Err(FetchError::Busy(e)) = &result
-            && busy < MAX_BUSY
-        {
-            // Not this peer's fault: hand the window back untried and ask
-            // again after a pause (another worker may take it meanwhile).
-            busy += 1;
-            tracing::debug!(peer = source.name(), error = %e, "peer busy; asking again shortly");
-            {
-                let mut st = shared.state.locked();
-                st.windows[w].tried[peer] = false;
-                st.windows[w].status = Status::Waiting;
-                st.retry.push_front(w);
-            }
-            shared.room.notify_waiters();
-            tokio::time::sleep(BUSY_PAUSE.mul_f64(rand::random_range(0.5..1.5))).await;
-            continue;
-        }
-        let mut st = shared.state.locked();
+        let Some(batch) = batch else { break };
+        let result = source.fetch(batch.chunks.clone(), batch.insist).await;
         match result {
+            Err(FetchError::Busy(e)) if busy < MAX_BUSY => {
+                // Not this peer's fault: hand the batch back untried and
+                // ask again after a pause (others may take it meanwhile).
+                busy += 1;
+                tracing::debug!(peer = source.name(), error = %e, "peer busy; asking again shortly");
+                shared.state.locked().plan.busy(peer, &batch);
+                shared.changed();
+                tokio::time::sleep(BUSY_PAUSE.mul_f64(rng.random_range(0.5..1.5))).await;
+                continue;
+            }
             Ok(got) => {
-                errors = 0;
                 busy = 0;
-                let (mut n, mut count) = (0, 0);
-                let st = &mut *st;
-                let win = &mut st.windows[w];
-                for (c, arrived) in win.hashes.iter().zip(win.got.iter_mut()) {
-                    if !*arrived
-                        && let Some(b) = got.get(&c.hash)
-                        && b.len() == c.len as usize
-                    {
-                        *arrived = true;
-                        n += b.len() as u64;
-                        count += 1;
-                        st.ready.insert(c.hash, b.clone());
-                    }
-                }
-                shared.received.fetch_add(n, Ordering::Relaxed);
-                shared.per_peer[peer].fetch_add(n, Ordering::Relaxed);
-                shared.chunks_per_peer[peer].fetch_add(count, Ordering::Relaxed);
-                if n == 0 && !want.is_empty() {
-                    tracing::debug!(
+                arrived(&shared, peer, source.name(), &batch, got);
+            }
+            Err(e) => {
+                let mut st = shared.state.locked();
+                st.peers[peer].errors += 1;
+                tracing::warn!(peer = source.name(), error = %e, "chunk fetch failed; another peer will be asked");
+                if st.plan.failed(peer, &batch) {
+                    tracing::warn!(
                         peer = source.name(),
-                        window = w,
-                        "peer had none of a window"
+                        "dropping peer from this transfer after {} failed calls",
+                        shared.cfg.max_errors
                     );
                 }
+            }
+        }
+        shared.changed();
+    }
+    shared.changed();
+}
+
+/// Keeps the verified chunks of an answer the plan counts as new.
+fn arrived(shared: &Shared, peer: usize, name: &str, batch: &Batch, got: Got) {
+    let Got {
+        chunks: got,
+        declined,
+    } = got;
+    let lengths: HashMap<Hash, u32> = batch.chunks.iter().map(|c| (c.hash, c.len)).collect();
+    let ok = |h: &Hash| {
+        got.get(h)
+            .zip(lengths.get(h))
+            .is_some_and(|(b, len)| b.len() == *len as usize)
+    };
+    let mut st = shared.state.locked();
+    let new = st.plan.answered(
+        peer,
+        batch,
+        &ok,
+        &|h| declined.contains(h),
+        tokio::time::Instant::now(),
+    );
+    if new.is_empty() && !batch.chunks.is_empty() {
+        tracing::debug!(
+            peer = name,
+            asked = batch.chunks.len(),
+            "peer had none of a batch"
+        );
+    }
+    let mut fresh = Vec::with_capacity(new.len());
+    let mut n = 0u64;
+    for h in new {
+        let b = got[&h].clone();
+        n += b.len() as u64;
+        st.ready.insert(h, b.clone());
+        fresh.push((h, b));
+    }
+    let counts = &mut st.peers[peer];
+    counts.bytes += n;
+    counts.chunks += fresh.len() as u64;
+    drop(st);
+    shared.received.fetch_add(n, Ordering::Relaxed);
+    if let Some(announce) = &shared.announce
+        && !fresh.is_empty()
+    {
+        announce(&fresh);
+    }
+}
+
+/// Follows a receiver peer's have-set until it completes or leaves.
+async fn follow(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>) {
+    let (mut since, mut errors) = (0, 0);
+    loop {
+        match source.haves(since).await {
+            Ok(d) => {
+                errors = 0;
+                let mut st = shared.state.locked();
+                let new = st.plan.announce(peer, &d.hashes);
+                if d.complete {
+                    st.plan.complete(peer);
+                } else if d.gone {
+                    tracing::debug!(peer = source.name(), "peer no longer receives this version");
+                    st.plan.drop_peer(peer);
+                }
+                drop(st);
+                if new || d.complete || d.gone {
+                    shared.changed();
+                }
+                if d.complete || d.gone {
+                    return;
+                }
+                since = d.next;
             }
             Err(e) => {
                 errors += 1;
-                st.errors[peer] += 1;
-                tracing::warn!(peer = source.name(), error = %e, "chunk fetch failed; another peer will be asked");
-                if errors >= cfg.max_errors {
-                    tracing::warn!(
-                        peer = source.name(),
-                        "dropping peer from this transfer after {errors} failed calls"
-                    );
-                    st.dead[peer] = true;
+                if errors >= MAX_HAVE_ERRORS {
+                    tracing::warn!(peer = source.name(), error = %e, "dropping a receiver peer whose have-set cannot be read");
+                    shared.state.locked().plan.drop_peer(peer);
+                    shared.changed();
+                    return;
                 }
-            }
-        }
-        st.settle(w);
-        // A dead peer can no longer take windows queued for it.
-        if st.dead[peer] {
-            let stuck: Vec<usize> = st.retry.iter().copied().collect();
-            st.retry.clear();
-            for i in stuck {
-                st.settle(i);
-            }
-        }
-        drop(st);
-        shared.arrived.notify_all();
-        shared.room.notify_waiters();
-    }
-    let mut st = shared.state.locked();
-    st.workers -= 1;
-    if st.workers == 0 {
-        // Nobody left: whatever is unfinished will not arrive.
-        for w in &mut st.windows {
-            if matches!(w.status, Status::Waiting | Status::Fetching) {
-                w.status = Status::Failed;
+                tokio::time::sleep(BUSY_PAUSE).await;
             }
         }
     }
-    drop(st);
-    shared.arrived.notify_all();
-    shared.room.notify_waiters();
 }
 
 impl ChunkSource for Fetcher {
     fn read_chunk(&self, chunk: &ChunkEntry) -> std::io::Result<Option<Bytes>> {
         let mut st = self.lock();
-        let w = match st.window_of.get(&chunk.hash) {
-            Some(&w) => w,
-            None if st.workers == 0 => return Ok(None),
-            None => {
-                // Not in the diff's list (a local copy turned out stale):
-                // fetch it on its own, first.
-                let start = st.consumed;
-                let n = self.names.len();
-                st.windows.push(Window {
-                    hashes: vec![*chunk],
-                    got: vec![false],
-                    start,
-                    status: Status::Waiting,
-                    tried: vec![false; n],
-                });
-                let w = st.windows.len() - 1;
-                st.window_of.insert(chunk.hash, w);
-                st.retry.push_front(w);
-                w
-            }
-        };
-        let start = st.windows[w].start;
-        if start > st.consumed {
-            st.consumed = start;
-        }
+        let i = st.plan.reading(chunk);
         self.shared.room.notify_waiters();
         loop {
             if let Some(b) = st.ready.remove(&chunk.hash) {
+                st.plan.consumed(i);
+                self.shared.room.notify_waiters();
                 return Ok(Some(b));
             }
-            // Failed, or Done and this chunk consumed already (a chunk used
-            // twice is read back from the file it was written to).
-            if matches!(st.windows[w].status, Status::Failed | Status::Done) {
+            // Consumed already (a chunk used twice is read back from the
+            // file it was written to), or no peer can give it.
+            if st.plan.is_consumed(i) || st.plan.unavailable(i) {
                 return Ok(None);
             }
             let (guard, timeout) = self
                 .shared
                 .arrived
-                .wait_timeout(st, self.cfg.stall)
+                .wait_timeout(st, self.shared.cfg.stall)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             st = guard;
             if timeout.timed_out() && !st.ready.contains_key(&chunk.hash) {
@@ -491,7 +512,7 @@ impl ChunkSource for Fetcher {
                     std::io::ErrorKind::TimedOut,
                     format!(
                         "no progress fetching chunk {} for {:?}",
-                        chunk.hash, self.cfg.stall
+                        chunk.hash, self.shared.cfg.stall
                     ),
                 ));
             }

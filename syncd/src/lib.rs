@@ -44,6 +44,7 @@ pub mod env;
 pub mod error;
 pub mod fetch;
 pub mod fleet;
+pub mod haves;
 pub mod hooks;
 pub mod index;
 pub mod local;

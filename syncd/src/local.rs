@@ -17,6 +17,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::env::Env;
 use crate::fleet::FleetView;
+use crate::haves::{HaveLog, Served};
 use crate::locks::{LockExt as _, RwLockExt as _};
 use crate::materialize::InFlight;
 use crate::metrics::Metrics;
@@ -38,6 +39,10 @@ pub struct LocalNode {
     pub gc_wanted: Notify,
     /// Chunks written by transfers in progress, per directory.
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
+    /// What transfers in progress received, per directory (for `Haves`).
+    haves: Mutex<HashMap<String, Arc<HaveLog>>>,
+    /// Chunks this node sent as a full holder (origin protection).
+    pub served: Served,
     /// Carried directories by id: what peers may ask chunks of.
     roots: RwLock<BTreeMap<String, PathBuf>>,
     pub scan_slots: Arc<Semaphore>,
@@ -59,6 +64,8 @@ impl LocalNode {
             store_gate: RwLock::new(()),
             gc_wanted: Notify::new(),
             in_flight: Mutex::new(HashMap::new()),
+            haves: Mutex::new(HashMap::new()),
+            served: Served::default(),
             roots: RwLock::new(BTreeMap::new()),
             scan_slots: Arc::new(Semaphore::new(SCAN_SLOTS)),
             transfer_slots: Arc::new(Semaphore::new(TRANSFER_SLOTS)),
@@ -109,6 +116,20 @@ impl LocalNode {
 
     pub fn end_transfer(&self, dir: &str) {
         self.in_flight.locked().remove(dir);
+        self.haves.locked().remove(dir);
+    }
+
+    /// Starts recording what a transfer of version `root` of `dir`
+    /// receives, for other receivers (until [`LocalNode::end_transfer`]).
+    pub fn begin_haves(&self, dir: &str, root: Hash) -> Arc<HaveLog> {
+        let log = Arc::new(HaveLog::new(root));
+        self.haves.locked().insert(dir.to_string(), log.clone());
+        log
+    }
+
+    /// The have-log of the transfer of `dir` in progress, if any.
+    pub fn have_log(&self, dir: &str) -> Option<Arc<HaveLog>> {
+        self.haves.locked().get(dir).cloned()
     }
 
     /// Transfers in progress.
@@ -118,6 +139,10 @@ impl LocalNode {
 
     /// A chunk written by one of this node's transfers, if any has it.
     pub fn in_flight_chunk(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let logs: Vec<Arc<HaveLog>> = self.haves.locked().values().cloned().collect();
+        if let Some(b) = logs.iter().find_map(|l| l.chunk(hash)) {
+            return Some(b.to_vec());
+        }
         let transfers: Vec<Arc<InFlight>> = self.in_flight.locked().values().cloned().collect();
         transfers
             .iter()

@@ -6,9 +6,9 @@
 //! per call, hash lengths, names, response sizes (see PROTOCOL.md).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use chunk_store::manifest::{ChunkEntry, NodeSource};
@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 use tonic::Status;
 
 use crate::error::Refusal;
-use crate::fetch::{ChunkPeer, FetchError, FetchResult};
+use crate::fetch::{ChunkPeer, FetchError, FetchResult, Fut, Got, HaveDelta};
 use crate::fleet::{FleetView, Via};
 use crate::local::LocalNode;
 use crate::locks::LockExt as _;
@@ -219,6 +219,43 @@ impl PeerHandler for PeerService {
         Ok(crate::fleet::gossip::answer(&self.node.fleet, r)?)
     }
 
+    async fn haves(&self, caller: Caller, r: pb::HavesRequest) -> Result<pb::HavesReply, Status> {
+        if !(r.requester.is_empty() || crate::wire::is_id(&r.requester))
+            || !crate::wire::is_id(&r.dir)
+        {
+            return Err(invalid(
+                caller,
+                "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
+            ));
+        }
+        let root =
+            Hash::from_slice(&r.root).ok_or_else(|| invalid(caller, "root is not 32 bytes"))?;
+        if !self.node.carries(&r.dir) {
+            return Err(Refusal::NotFound(format!(
+                "this node does not carry directory {:?}",
+                r.dir
+            ))
+            .into());
+        }
+        let reply = |complete, gone, next, hashes: Vec<Hash>| pb::HavesReply {
+            complete,
+            gone,
+            next,
+            hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
+        };
+        let complete = || self.node.fleet.own_holds(&r.dir, &r.root);
+        if complete() {
+            return Ok(reply(true, false, r.since, Vec::new()));
+        }
+        let Some(log) = self.node.have_log(&r.dir).filter(|l| l.root == root) else {
+            return Ok(reply(false, true, r.since, Vec::new()));
+        };
+        let wait = Duration::from_millis(r.wait_ms.into()).min(crate::haves::MAX_HAVES_WAIT);
+        log.wait_beyond(r.since, wait).await;
+        let (hashes, next) = log.since(r.since);
+        Ok(reply(complete(), false, next, hashes))
+    }
+
     async fn swim(&self, _caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
         Ok(self.node.fleet.swim_packet(p.data)?)
     }
@@ -300,6 +337,21 @@ impl PeerHandler for PeerService {
                 hashes.push(h);
             }
         }
+        // Origin protection: a full holder of the version leaves out what
+        // it sent another receiver a moment ago, unless asked to insist.
+        let declined: Vec<bool> = match Hash::from_slice(&r.root) {
+            Some(root)
+                if !r.insist
+                    && !r.requester.is_empty()
+                    && self.node.fleet.own_holds(&r.dir, &r.root) =>
+            {
+                self.node
+                    .served
+                    .decline(&r.dir, root, &r.requester, &hashes)
+            }
+            _ => Vec::new(),
+        };
+        let declined = Arc::new(declined);
         // The permits live as long as the response stream: a stream whose
         // reader stalled still counts until the connection lets it go.
         let permits = self.serving.admit_stream(peer_ip)?;
@@ -315,8 +367,9 @@ impl PeerHandler for PeerService {
                 // One batch read on a blocking thread, then handed to the
                 // stream with a deadline: a reader that stops reading
                 // holds no thread, and is dropped after STREAM_STALL.
-                let (n2, h2) = (node.clone(), hashes.clone());
-                let read = tokio::task::spawn_blocking(move || read_batch(&n2, &h2, next)).await;
+                let (n2, h2, d2) = (node.clone(), hashes.clone(), declined.clone());
+                let read =
+                    tokio::task::spawn_blocking(move || read_batch(&n2, &h2, &d2, next)).await;
                 let Ok((batch, upto, bytes, count)) = read else {
                     break;
                 };
@@ -362,7 +415,13 @@ impl tokio_stream::Stream for ServedChunks {
 
 /// Reads chunks `hashes[from..]` until a batch is half the batch limit;
 /// returns the batch, where it stopped, and the bytes and chunks in it.
-fn read_batch(node: &LocalNode, hashes: &[Hash], from: usize) -> (pb::ChunkBatch, usize, u64, u64) {
+/// Chunks `declined[i]` are answered as declined, unread.
+fn read_batch(
+    node: &LocalNode,
+    hashes: &[Hash],
+    declined: &[bool],
+    from: usize,
+) -> (pb::ChunkBatch, usize, u64, u64) {
     let local = LocalChunks::for_serving(&node.store, node.roots());
     let mut batch = pb::ChunkBatch::default();
     let (mut size, mut count) = (0usize, 0u64);
@@ -370,6 +429,14 @@ fn read_batch(node: &LocalNode, hashes: &[Hash], from: usize) -> (pb::ChunkBatch
     while i < hashes.len() && size < MAX_BATCH_BYTES / 2 {
         let h = &hashes[i];
         i += 1;
+        if declined.get(i - 1).copied().unwrap_or(false) {
+            batch.chunks.push(pb::Chunk {
+                hash: h.as_bytes().to_vec(),
+                data: Bytes::new(),
+                declined: true,
+            });
+            continue;
+        }
         // Indexed files first, then files still being received.
         let data = match local.read_hash(h) {
             Ok(Some(d)) => d,
@@ -380,6 +447,7 @@ fn read_batch(node: &LocalNode, hashes: &[Hash], from: usize) -> (pb::ChunkBatch
         batch.chunks.push(pb::Chunk {
             hash: h.as_bytes().to_vec(),
             data: Bytes::from(data),
+            declined: false,
         });
     }
     (batch, i, size as u64, count)
@@ -420,7 +488,7 @@ impl RemotePeer {
         chunks: Vec<ChunkEntry>,
         metrics: Metrics,
         fleet: Arc<FleetView>,
-    ) -> Result<HashMap<Hash, Bytes>, Status> {
+    ) -> Result<Got, Status> {
         use tokio_stream::StreamExt as _;
         // Expected lengths from the recipe: a chunk of another length is
         // corrupt, whatever it hashes to, and is dropped before it is kept
@@ -428,9 +496,16 @@ impl RemotePeer {
         let asked: HashMap<Hash, u32> = chunks.into_iter().map(|c| (c.hash, c.len)).collect();
         let mut stream = transport.get_chunks(&address, req).await?;
         let mut out = HashMap::new();
+        let mut declined = std::collections::HashSet::new();
         while let Some(batch) = stream.next().await {
             for c in batch?.chunks {
                 if c.data.is_empty() {
+                    if c.declined
+                        && let Ok(h) = hash_of(&c.hash)
+                        && asked.contains_key(&h)
+                    {
+                        declined.insert(h);
+                    }
                     continue;
                 }
                 let h = hash_of(&c.hash)?;
@@ -463,7 +538,10 @@ impl RemotePeer {
                 }
             }
         }
-        Ok(out)
+        Ok(Got {
+            chunks: out,
+            declined,
+        })
     }
 }
 
@@ -472,6 +550,8 @@ impl RemotePeer {
 pub struct PeerChunks {
     pub peer: RemotePeer,
     pub dir: String,
+    /// The version's root (for origin protection and have-sets).
+    pub root: Vec<u8>,
     /// This node's id, so the peer can account what it serves.
     pub requester: String,
 }
@@ -481,7 +561,7 @@ impl ChunkPeer for PeerChunks {
         &self.peer.id
     }
 
-    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
+    fn fetch(&self, chunks: Vec<ChunkEntry>, insist: bool) -> Fut<FetchResult> {
         let (transport, address, id) = (
             self.peer.transport.clone(),
             self.peer.address.clone(),
@@ -491,6 +571,8 @@ impl ChunkPeer for PeerChunks {
             dir: self.dir.clone(),
             hashes: chunks.iter().map(|c| c.hash.as_bytes().to_vec()).collect(),
             requester: self.requester.clone(),
+            root: self.root.clone(),
+            insist,
         };
         let metrics = self.peer.metrics.clone();
         let fleet = self.peer.fleet.clone();
@@ -513,6 +595,48 @@ impl ChunkPeer for PeerChunks {
                 });
             histogram.observe(started.elapsed().as_secs_f64());
             r
+        })
+    }
+
+    fn haves(&self, since: u64) -> Fut<Result<HaveDelta, FetchError>> {
+        let (transport, address, id) = (
+            self.peer.transport.clone(),
+            self.peer.address.clone(),
+            self.peer.id.clone(),
+        );
+        let req = pb::HavesRequest {
+            dir: self.dir.clone(),
+            root: self.root.clone(),
+            since,
+            wait_ms: crate::haves::MAX_HAVES_WAIT.as_millis() as u32,
+            requester: self.requester.clone(),
+        };
+        Box::pin(async move {
+            let r = transport
+                .haves(&address, req)
+                .await
+                .map_err(|s| FetchError::Failed(format!("{}: {}", s.code(), s.message())))?;
+            if r.hashes.len() > crate::haves::MAX_HAVES_PER_REPLY {
+                return Err(FetchError::Failed(format!(
+                    "peer {id} announced {} chunks in one answer, more than {}",
+                    r.hashes.len(),
+                    crate::haves::MAX_HAVES_PER_REPLY
+                )));
+            }
+            let hashes = r
+                .hashes
+                .iter()
+                .map(|b| Hash::from_slice(b))
+                .collect::<Option<Vec<Hash>>>()
+                .ok_or_else(|| {
+                    FetchError::Failed(format!("peer {id} announced a hash that is not 32 bytes"))
+                })?;
+            Ok(HaveDelta {
+                complete: r.complete,
+                gone: r.gone,
+                next: r.next,
+                hashes,
+            })
         })
     }
 }

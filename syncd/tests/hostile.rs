@@ -185,12 +185,25 @@ impl pb::peer_server::Peer for FakeService {
                         .and_then(|k| st.chunks.get(&k).cloned())
                         .unwrap_or_default();
                     Ok(pb::ChunkBatch {
-                        chunks: vec![pb::Chunk { hash, data }],
+                        chunks: vec![pb::Chunk {
+                            hash,
+                            data,
+                            declined: false,
+                        }],
                     })
                 })
                 .collect()
         };
         Ok(Response::new(tokio_stream::iter(batches)))
+    }
+
+    async fn haves(
+        &self,
+        _req: Request<pb::HavesRequest>,
+    ) -> Result<Response<pb::HavesReply>, Status> {
+        Err(Status::unimplemented(
+            "the fake peer announces no have-sets",
+        ))
     }
 
     async fn swim(&self, _req: Request<pb::SwimPacket>) -> Result<Response<pb::SwimAck>, Status> {
@@ -329,6 +342,7 @@ async fn read_chunks(
         dir: dir.to_string(),
         hashes,
         requester: EVIL.to_string(),
+        ..Default::default()
     };
     let mut stream = client.get_chunks(req).await?.into_inner();
     let mut out = Vec::new();
@@ -1590,6 +1604,7 @@ async fn open_streams(addr: &str, hashes: &[Vec<u8>], conns: usize, per_conn: us
             dir: DIR.into(),
             hashes: hashes.to_vec(),
             requester: EVIL.into(),
+            ..Default::default()
         };
         calls.spawn(async move {
             tokio::time::timeout(Duration::from_secs(10), client.get_chunks(req)).await
@@ -1879,6 +1894,7 @@ fn peer_supplied_keys() {
                 dir: dir.clone(),
                 hashes: vec![pseudo_random(32, 9000 + 2 * i as u64)],
                 requester: requester.clone(),
+                ..Default::default()
             };
             set.spawn(async move {
                 if let Ok(resp) = c.get_chunks(req).await {

@@ -14,14 +14,18 @@ use sync_proto::pb;
 
 use super::state::{DirState, Phase, Retry};
 use crate::error::SyncError;
-use crate::fetch::{ChunkPeer, FetchConfig, Fetcher};
+use crate::fetch::{Announce, ChunkPeer, FetchConfig, Fetcher};
 use crate::fleet::Holder;
 use crate::local::LocalNode;
 use crate::materialize::{self, InFlight, LocalChunks};
 use crate::peer::{PeerChunks, RemotePeer};
 
-/// Most peers one transfer fetches from at once.
-pub const MAX_SOURCES: usize = 4;
+/// Most peers one transfer fetches from at once (full holders and other
+/// receivers of the version).
+pub const MAX_SOURCES: usize = 16;
+/// How often a transfer looks for peers that started receiving the same
+/// version since (they become sources as soon as they have chunks).
+const DISCOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Remote manifest nodes kept during one pull (diff and apply), so pages a
 /// tree references many times are fetched once.
 const NODE_CACHE_BYTES: usize = 64 << 20;
@@ -87,15 +91,19 @@ pub(super) fn pull(
     let cleanup = Cleanup(node, dir);
     let mut list = Vec::new();
     let result = transfer(node, dir, version, holders, rt, started, &mut list);
+    if result.is_ok() {
+        // Held before the transfer's have-log goes: a receiver following
+        // it then sees "complete", never "gone".
+        dir.update(|s| {
+            s.current = Some(version.clone());
+            s.phase = Phase::Idle;
+            s.reason.clear();
+        });
+    }
     drop(cleanup);
     involved.extend(list);
     match &result {
         Ok(()) => {
-            dir.update(|s| {
-                s.current = Some(version.clone());
-                s.phase = Phase::Idle;
-                s.reason.clear();
-            });
             node.metrics
                 .sync_duration
                 .with_label_values(&[&dir.id])
@@ -284,28 +292,45 @@ fn transfer(
     // Advertised (and pushed) once peers can fetch what is written.
     dir.update(|s| s.pulling = Some(version.clone()));
     let local_chunks = LocalChunks::new(store, node.roots());
-    let sources: Vec<Arc<dyn ChunkPeer>> = peers
-        .iter()
-        .map(|p| {
-            Arc::new(PeerChunks {
-                peer: p.clone(),
-                dir: dir.id.clone(),
-                requester: node.id.clone(),
-            }) as Arc<dyn ChunkPeer>
-        })
-        .collect();
-    let fetcher = Fetcher::start(
+    // What arrives is announced to other receivers and served to them
+    // from memory at once.
+    let log = node.begin_haves(&dir.id, remote_root);
+    let announce: Announce = Arc::new(move |chunks| log.add(chunks));
+    let cfg = FetchConfig {
+        seed: node.env.seed(),
+        ..FetchConfig::default()
+    };
+    let fetcher = Arc::new(Fetcher::new(
         rt,
         &diff.missing_chunks,
-        sources,
-        FetchConfig::default(),
+        cfg,
         p.received.clone(),
-    );
+        Some(announce),
+    ));
+    let source = |p: &RemotePeer| -> Arc<dyn ChunkPeer> {
+        Arc::new(PeerChunks {
+            peer: p.clone(),
+            dir: dir.id.clone(),
+            root: version.root.clone(),
+            requester: node.id.clone(),
+        })
+    };
+    for (p, h) in peers.iter().zip(holders) {
+        fetcher.add_peer(source(p), !h.partial);
+    }
+    let discovery = Discovery(rt.spawn(discover(
+        Arc::downgrade(&fetcher),
+        node.fleet.clone(),
+        node.id.clone(),
+        dir.id.clone(),
+        version.clone(),
+        rt.clone(),
+    )));
     let applied = materialize::apply(
         &dir.path,
         &diff,
         &remote,
-        &[&local_chunks, &*in_flight, &fetcher],
+        &[&local_chunks, &*in_flight, &*fetcher],
         &in_flight,
         &p.files_done,
         materialize::ApplyOptions {
@@ -314,6 +339,7 @@ fn transfer(
             stop: Some(dir.stopping.clone()),
         },
     );
+    drop(discovery);
     involved.extend(fetcher.failed_peers());
     // Account what arrived, whether or not the apply completed.
     for ((id, bytes), chunks) in fetcher
@@ -390,4 +416,49 @@ fn transfer(
         "applied version"
     );
     Ok(())
+}
+
+/// Stops a transfer's discovery when the transfer ends, however it ends.
+struct Discovery(tokio::task::JoinHandle<()>);
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Adds the peers that start receiving (or come to hold) `version` while
+/// the transfer runs, up to [`MAX_SOURCES`].
+async fn discover(
+    fetcher: std::sync::Weak<Fetcher>,
+    fleet: Arc<crate::fleet::FleetView>,
+    me: String,
+    dir: String,
+    version: pb::DirVersion,
+    rt: tokio::runtime::Handle,
+) {
+    loop {
+        tokio::time::sleep(DISCOVER_EVERY).await;
+        let Some(f) = fetcher.upgrade() else { return };
+        let known: HashSet<String> = f.peer_names().into_iter().collect();
+        let room = MAX_SOURCES.saturating_sub(known.len());
+        for h in fleet
+            .holders(&version)
+            .into_iter()
+            .filter(|h| h.id != me && !known.contains(&h.id))
+            .take(room)
+        {
+            tracing::debug!(dir = %dir, peer = %h.id, partial = h.partial, "a peer joins this transfer");
+            let peer = RemotePeer::new(h.id.clone(), h.address.clone(), fleet.clone(), rt.clone());
+            f.add_peer(
+                Arc::new(PeerChunks {
+                    peer,
+                    dir: dir.clone(),
+                    root: version.root.clone(),
+                    requester: me.clone(),
+                }),
+                !h.partial,
+            );
+        }
+    }
 }

@@ -22,7 +22,7 @@ impl ChunkPeer for FakePeer {
         &self.name
     }
 
-    fn fetch(&self, chunks: Vec<ChunkEntry>) -> Pin<Box<dyn Future<Output = FetchResult> + Send>> {
+    fn fetch(&self, chunks: Vec<ChunkEntry>, _insist: bool) -> Fut<FetchResult> {
         self.asked.fetch_add(chunks.len(), Ordering::SeqCst);
         let fail = self.fail_calls;
         let delay = self.delay;
@@ -44,7 +44,7 @@ impl ChunkPeer for FakePeer {
             if fail {
                 Err(FetchError::Failed("connection refused".to_string()))
             } else {
-                Ok(out)
+                Ok(out.into())
             }
         })
     }

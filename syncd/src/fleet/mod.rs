@@ -239,6 +239,17 @@ impl FleetView {
         }
     }
 
+    /// Whether this node holds version `root` of `dir` in full.
+    pub fn own_holds(&self, dir: &str, root: &[u8]) -> bool {
+        self.table
+            .locked()
+            .own
+            .dirs
+            .get(dir)
+            .and_then(|d| d.held.as_ref())
+            .is_some_and(|v| v.root == root)
+    }
+
     /// A directory no longer carried leaves the record.
     pub fn remove_dir(&self, dir: &str) {
         let mut t = self.table.locked();

@@ -84,6 +84,10 @@ impl Transport for GrpcTransport {
         Ok(Box::pin(stream))
     }
 
+    async fn haves(&self, to: &str, r: pb::HavesRequest) -> Result<pb::HavesReply, Status> {
+        Ok(self.client(to)?.haves(r).await?.into_inner())
+    }
+
     async fn swim(&self, to: &str, p: pb::SwimPacket) -> Result<(), Status> {
         self.client(to)?.swim(p).await?;
         Ok(())
@@ -142,6 +146,16 @@ impl pb::peer_server::Peer for GrpcServer {
         let c = caller(&req);
         Ok(Response::new(
             self.handler.gossip(c, req.into_inner()).await?,
+        ))
+    }
+
+    async fn haves(
+        &self,
+        req: Request<pb::HavesRequest>,
+    ) -> Result<Response<pb::HavesReply>, Status> {
+        let c = caller(&req);
+        Ok(Response::new(
+            self.handler.haves(c, req.into_inner()).await?,
         ))
     }
 

@@ -224,6 +224,19 @@ impl Transport for MemTransport {
         })))
     }
 
+    async fn haves(&self, to: &str, r: pb::HavesRequest) -> Result<pb::HavesReply, Status> {
+        let handler = self.route(to, r.encoded_len()).await?;
+        let reply = handler.haves(self.caller(), r).await?;
+        if self.net.is_cut(&self.me, to) {
+            return Err(Status::unavailable(format!(
+                "link {} -> {to} is cut",
+                self.me
+            )));
+        }
+        self.net.count(&self.me, to, reply.encoded_len());
+        Ok(reply)
+    }
+
     async fn swim(&self, to: &str, p: pb::SwimPacket) -> Result<(), Status> {
         let handler = self.route(to, p.encoded_len()).await?;
         handler.swim(self.caller(), p).await

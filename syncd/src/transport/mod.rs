@@ -9,9 +9,9 @@
 //! simulation shows holds for the daemon.
 //!
 //! ```text
-//!  node ── Transport::exchange/gossip/get_nodes/get_chunks/swim ──> (grpc | mem)
+//!  node ── Transport::exchange/gossip/get_nodes/get_chunks/haves/swim ──> (grpc | mem)
 //!                                                              │
-//!  peer <── PeerHandler::exchange/gossip/get_nodes/get_chunks/swim <──┘
+//!  peer <── PeerHandler::exchange/gossip/get_nodes/get_chunks/haves/swim <──┘
 //! ```
 //!
 //! Errors are `tonic::Status` on both sides: the codes are the protocol's
@@ -62,6 +62,10 @@ pub trait PeerHandler: Send + Sync + 'static {
         caller: Caller,
         r: pb::GetChunksRequest,
     ) -> Result<ChunkStream, Status>;
+    /// A peer that serves no chunks has no have-sets either.
+    async fn haves(&self, _caller: Caller, _r: pb::HavesRequest) -> Result<pb::HavesReply, Status> {
+        Err(Status::unimplemented("this peer serves no chunks"))
+    }
     async fn swim(&self, caller: Caller, p: pb::SwimPacket) -> Result<(), Status>;
 }
 
@@ -76,6 +80,7 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
         r: pb::GetNodesRequest,
     ) -> Result<pb::GetNodesResponse, Status>;
     async fn get_chunks(&self, to: &str, r: pb::GetChunksRequest) -> Result<ChunkStream, Status>;
+    async fn haves(&self, to: &str, r: pb::HavesRequest) -> Result<pb::HavesReply, Status>;
     async fn swim(&self, to: &str, p: pb::SwimPacket) -> Result<(), Status>;
     /// Drops what is kept for addresses `keep` rejects (cached
     /// connections), so departed peers do not accumulate.

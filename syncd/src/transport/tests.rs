@@ -88,6 +88,7 @@ impl PeerHandler for Fixed {
                     chunks: vec![pb::Chunk {
                         data: Bytes::from(vec![h[0]; 1000]),
                         hash: h,
+                        declined: false,
                     }],
                 })
             })
@@ -153,6 +154,7 @@ async fn suite(t: &dyn Transport, to: &str, unreachable: &str, peer: &Fixed) {
         dir: "www".into(),
         hashes: (0..5u8).map(|i| vec![i; 32]).collect(),
         requester: "client".into(),
+        ..Default::default()
     };
     let mut s = t.get_chunks(to, req).await.unwrap();
     let mut got = Vec::new();
@@ -275,6 +277,7 @@ async fn in_memory_links_can_be_cut_delayed_and_counted() {
         dir: "www".into(),
         hashes: (0..3u8).map(|i| vec![i; 32]).collect(),
         requester: String::new(),
+        ..Default::default()
     };
     let mut s = t.get_chunks(a, req).await.unwrap();
     assert!(s.next().await.unwrap().is_ok());
