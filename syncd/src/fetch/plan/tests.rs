@@ -281,8 +281,8 @@ proptest! {
             }
             // Answer what is out, then a fresh full holder serves the rest,
             // insisting when it declined.
-            for p in 0..4 {
-                for b in out[p].drain(..) {
+            for (p, batches) in out.iter_mut().enumerate() {
+                for b in batches.drain(..) {
                     plan.failed(p, &b);
                 }
             }
