@@ -21,6 +21,7 @@ use sync_proto::pb;
 use crate::dir::{DirHandle, Phase, Registry};
 use crate::fleet::PeerState;
 use crate::local::LocalNode;
+use crate::locks::LockExt as _;
 use crate::topology::PeerClass;
 pub use crate::wire::hex;
 
@@ -196,6 +197,21 @@ fn dir_status(node: &LocalNode, peers: &[(String, PeerState)], d: &DirHandle) ->
         peers: fleet.peers,
         retry_in_seconds: status.retry_in(),
         failures: status.failures,
+        priority: dir.bandwidth.control().priority.as_str().into(),
+        upload_cap: dir.bandwidth.caps().upload.unwrap_or(0),
+        download_cap: dir.bandwidth.caps().download.unwrap_or(0),
+        sources: dir
+            .progress
+            .sources
+            .locked()
+            .iter()
+            .map(|s| pba::TransferSource {
+                node_id: s.id.clone(),
+                full: s.full,
+                bytes: s.bytes,
+            })
+            .collect(),
+        eta_seconds: dir.progress.eta_seconds(),
     }
 }
 
@@ -211,6 +227,19 @@ fn peer_counts(node: &LocalNode) -> pba::PeerCounts {
 /// Brings the state gauges up to date (before each scrape).
 pub fn refresh_metrics(node: &LocalNode, dirs: &Registry) {
     let m = &node.metrics;
+    let caps = node.bandwidth.caps();
+    let waited = node.bandwidth.take_waited();
+    for (i, (direction, cap)) in [("upload", caps.upload), ("download", caps.download)]
+        .into_iter()
+        .enumerate()
+    {
+        m.bandwidth_cap
+            .with_label_values(&[direction])
+            .set(i64::try_from(cap.unwrap_or(0)).unwrap_or(i64::MAX));
+        m.bandwidth_wait
+            .with_label_values(&[direction])
+            .inc_by(waited[i].as_secs_f64());
+    }
     let c = peer_counts(node);
     for (state, n) in [("alive", c.alive), ("suspect", c.suspect), ("dead", c.dead)] {
         m.peers.with_label_values(&[state]).set(i64::from(n));
@@ -236,6 +265,12 @@ pub fn refresh_metrics(node: &LocalNode, dirs: &Registry) {
         m.transfer_rate
             .with_label_values(&id)
             .set(s.rate_bytes_per_second);
+        let full = s.sources.iter().filter(|x| x.full).count();
+        for (kind, n) in [("full", full), ("receiving", s.sources.len() - full)] {
+            m.transfer_sources
+                .with_label_values(&[d.id(), kind])
+                .set(n as i64);
+        }
         for name in crate::wire::STATES {
             m.dir_state
                 .with_label_values(&[d.id(), name])
@@ -261,6 +296,8 @@ impl pba::admin_server::Admin for AdminService {
                 .iter()
                 .map(|d| dir_status(node, &peers, d))
                 .collect(),
+            upload_cap: node.bandwidth.caps().upload.unwrap_or(0),
+            download_cap: node.bandwidth.caps().download.unwrap_or(0),
         }))
     }
 
@@ -416,9 +453,10 @@ impl pba::admin_server::Admin for AdminService {
                     d.rescan().await.map_err(Status::failed_precondition)?;
                 }
                 "revert" => d.revert().map_err(Status::failed_precondition)?,
+                "priority" => d.set_priority(r.priority.parse().map_err(Status::invalid_argument)?),
                 other => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown action {other:?}; expected pause, resume, rescan or revert"
+                        "unknown action {other:?}; expected pause, resume, rescan, revert or priority"
                     )));
                 }
             }

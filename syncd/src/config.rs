@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::bandwidth::{Caps, Priority};
+
 /// Where `syncd run` and `syncd check-config` look by default.
 pub const DEFAULT_CONFIG: &str = "/etc/syncd/syncd.toml";
 /// The drop-in directory of per-directory files, beside the node file.
@@ -51,6 +53,57 @@ pub struct NodeFile {
     pub admin: AdminSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Bandwidth caps for everything this node uploads and downloads.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// Bandwidth caps in bytes per second, e.g. `upload = "25MB"`; a cap left
+/// out is no cap. In `syncd.toml` they cap the node, in a `dirs.d` file
+/// that directory (both apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub upload: Option<Size>,
+    pub download: Option<Size>,
+}
+
+impl LimitsSection {
+    pub fn caps(&self) -> Caps {
+        Caps {
+            upload: self.upload.map(|s| s.0),
+            download: self.download.map(|s| s.0),
+        }
+    }
+
+    /// A cap below 1 KiB/s is a mistake (0 would stop all traffic).
+    fn check(&self, file: &Path, text: &str) -> Result<(), ConfigError> {
+        for (key, v) in [("upload", self.upload), ("download", self.download)] {
+            if v.is_some_and(|s| s.0 < 1024) {
+                return Err(ConfigError::Invalid {
+                    path: file.to_path_buf(),
+                    line: limits_line(text, key),
+                    message: format!(
+                        "limits {key} must be at least 1KiB (bytes per second); leave it out for no cap"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The line of `key` inside the `[limits]` table.
+fn limits_line(text: &str, key: &str) -> usize {
+    let start = text
+        .lines()
+        .position(|l| l.trim() == "[limits]")
+        .unwrap_or(0);
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| l.trim_start().starts_with(key))
+        .map_or(start + 1, |(i, _)| i + 1)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +218,15 @@ pub struct DirFile {
     /// programs on every replica.
     #[serde(default)]
     pub allow_setid: bool,
+    /// `"high"`, `"normal"` (the default) or `"low"`: while a transfer of
+    /// a higher class runs on this node, lower ones trickle. Changeable at
+    /// run time with `syncctl priority`.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Bandwidth caps for this directory's transfers (`[limits]` at the
+    /// end of the file).
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 /// A byte size with a binary unit: `"512"`, `"64KiB"`, `"1.5GiB"`, `"1TiB"`
@@ -395,6 +457,7 @@ impl Config {
                 )
             })?),
         };
+        node.limits.check(file, &text)?;
         let dirs = load_dirs(file, n.state_dir.get_ref())?;
         Ok(Config {
             file: file.to_path_buf(),
@@ -510,6 +573,7 @@ fn load_dirs(
                 "max_file_size and max_entries must be more than 0".into(),
             ));
         }
+        d.limits.check(&path, &text)?;
         if d.on_synced_timeout.is_zero() {
             return Err(invalid(
                 d.on_synced.span(),

@@ -89,7 +89,7 @@ pub async fn run(
         Arc::new(Env::from_entropy()),
         Metrics::new().context("registering metrics")?,
     ));
-    let node = Arc::new(LocalNode::new(store, fleet.clone()));
+    let node = Arc::new(LocalNode::new(store, fleet.clone()).with_caps(config.node.limits.caps()));
     let daemon = Arc::new(Daemon {
         node: node.clone(),
         dirs: Arc::new(Registry::default()),
@@ -344,7 +344,7 @@ async fn gc_loop(node: Arc<LocalNode>) {
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
         let n = node.clone();
-        let swept = tokio::task::spawn_blocking(move || n.collect_garbage()).await;
+        let swept = node.env.blocking(move || n.collect_garbage()).await;
         match swept {
             Ok(Ok(0)) => {}
             Ok(Ok(deleted)) => tracing::debug!(deleted, "garbage collection swept manifest nodes"),
@@ -392,8 +392,11 @@ async fn reload(daemon: &Daemon, running_config: &Config, running: &mut HashMap<
     };
     if new.listen != running_config.listen
         || new.node.node.peers.get_ref() != running_config.node.node.peers.get_ref()
+        || new.node.limits != running_config.node.limits
     {
-        tracing::warn!("changes to [node] take effect on restart only");
+        tracing::warn!(
+            "changes to listen, peers or [limits] in syncd.toml take effect on restart only"
+        );
     }
     let node = &daemon.node;
     let old_files = &running_config.dirs;
@@ -404,6 +407,7 @@ async fn reload(daemon: &Daemon, running_config: &Config, running: &mut HashMap<
             && a.hook == *b.on_synced.get_ref()
             && a.hook_timeout == b.on_synced_timeout
             && a.limits == dir::state::limits_of(b)
+            && a.bandwidth.caps() == b.limits.caps()
             && old_files
                 .get(&a.id)
                 .is_none_or(|(_, f)| f.ignore.get_ref() == b.ignore.get_ref())
@@ -423,7 +427,15 @@ async fn reload(daemon: &Daemon, running_config: &Config, running: &mut HashMap<
         }
     }
     for (id, (file, d)) in &new.dirs {
-        if running.contains_key(id) {
+        if let Some(r) = running.get(id) {
+            // A priority changed in the file applies at once, mid-transfer
+            // too (one set by `syncctl priority` stays until then).
+            if old_files
+                .get(id)
+                .is_none_or(|(_, f)| f.priority != d.priority)
+            {
+                r.handle.set_priority(d.priority);
+            }
             continue;
         }
         match DirState::from_config(id, d, node.fleet.clone()) {

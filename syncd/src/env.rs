@@ -10,6 +10,15 @@
 //! - **Randomness** comes from one generator per node: seeded from the OS
 //!   in the daemon, from a given seed in tests, so a failing seed can be
 //!   replayed. SWIM gets its own generator forked from it.
+//! - **Blocking work** (scans, pulls, store reads) runs through
+//!   [`Env::blocking`]: on tokio's blocking pool in the daemon, in
+//!   lockstep with the runtime in the simulation ([`Env::simulated`]), so
+//!   a seed replays the same interleaving. Blocking code that waits for
+//!   async work calls [`wait`] rather than `Handle::block_on`.
+
+mod lockstep;
+
+pub use lockstep::wait;
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -23,6 +32,33 @@ use crate::locks::LockExt as _;
 #[derive(Debug)]
 pub struct Env {
     rng: Mutex<StdRng>,
+    /// Blocking work runs in lockstep with a current-thread runtime.
+    lockstep: bool,
+}
+
+/// Blocking work that panicked (a bug), with the panic's message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Panic(pub String);
+
+impl Panic {
+    fn from_payload(p: Box<dyn std::any::Any + Send>) -> Panic {
+        Panic(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into()),
+        )
+    }
+}
+
+impl From<tokio::task::JoinError> for Panic {
+    fn from(e: tokio::task::JoinError) -> Panic {
+        match e.try_into_panic() {
+            Ok(p) => Panic::from_payload(p),
+            Err(e) => Panic(e.to_string()),
+        }
+    }
 }
 
 impl Env {
@@ -30,6 +66,7 @@ impl Env {
     pub fn from_entropy() -> Env {
         Env {
             rng: Mutex::new(rand::make_rng()),
+            lockstep: false,
         }
     }
 
@@ -37,6 +74,30 @@ impl Env {
     pub fn seeded(seed: u64) -> Env {
         Env {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            lockstep: false,
+        }
+    }
+
+    /// Randomness from `seed`, and blocking work in lockstep with the
+    /// runtime (the simulation: run it on a current-thread runtime).
+    pub fn simulated(seed: u64) -> Env {
+        Env {
+            lockstep: true,
+            ..Env::seeded(seed)
+        }
+    }
+
+    /// Runs blocking `f` off the async tasks and returns its result, or
+    /// its panic.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, Panic>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.lockstep {
+            lockstep::run(f).await
+        } else {
+            Ok(tokio::task::spawn_blocking(f).await?)
         }
     }
 

@@ -19,8 +19,8 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +29,7 @@ use chunk_store::manifest::ChunkEntry;
 use rand::rngs::StdRng;
 use rand::{RngExt as _, SeedableRng as _};
 
+use crate::bandwidth::TransferGate;
 use crate::locks::LockExt as _;
 use crate::materialize::ChunkSource;
 
@@ -87,6 +88,9 @@ const BUSY_PAUSE: Duration = Duration::from_millis(500);
 /// A worker with nothing to do looks again this often (besides being
 /// woken by every change).
 const RECHECK: Duration = Duration::from_millis(250);
+/// A materializer waiting on a paused transfer looks whether its directory
+/// is stopping this often.
+const PAUSED_RECHECK: Duration = Duration::from_secs(1);
 /// A receiver's have-set that fails this many polls in a row is dropped.
 const MAX_HAVE_ERRORS: u32 = 3;
 
@@ -166,6 +170,15 @@ impl FetchConfig {
     }
 }
 
+/// What may hold a transfer's calls: its bandwidth gate (pause, priority,
+/// download caps) and its directory's stop flag (a paused transfer that
+/// is told to stop gives up the file it was writing).
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub gate: Arc<TransferGate>,
+    pub stopping: Arc<AtomicBool>,
+}
+
 /// Told of every chunk this transfer receives, with its bytes (so this
 /// node can announce and serve it to other receivers at once).
 pub type Announce = Arc<dyn Fn(&[(Hash, Bytes)]) + Send + Sync>;
@@ -173,6 +186,7 @@ pub type Announce = Arc<dyn Fn(&[(Hash, Bytes)]) + Send + Sync>;
 #[derive(Debug, Default)]
 struct PeerCounts {
     name: String,
+    full: bool,
     bytes: u64,
     chunks: u64,
     errors: u32,
@@ -183,22 +197,25 @@ struct State {
     plan: Plan,
     ready: HashMap<Hash, Bytes>,
     peers: Vec<PeerCounts>,
+    /// How long the materializer waited for chunks, in all.
+    stalled: Duration,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// The materializer waits on this for chunks.
-    arrived: Condvar,
+    /// Counts changes; the materializer waits on it for chunks.
+    arrived: tokio::sync::watch::Sender<u64>,
     /// Workers wait on this for work.
     room: tokio::sync::Notify,
     received: Arc<AtomicU64>,
     announce: Option<Announce>,
+    hold: Option<Hold>,
     cfg: FetchConfig,
 }
 
 impl Shared {
     fn changed(&self) {
-        self.arrived.notify_all();
+        self.arrived.send_modify(|n| *n = n.wrapping_add(1));
         self.room.notify_waiters();
     }
 }
@@ -239,20 +256,22 @@ impl Fetcher {
         cfg: FetchConfig,
         received: Arc<AtomicU64>,
     ) -> Fetcher {
-        let f = Fetcher::new(rt, order, cfg, received, None);
+        let f = Fetcher::new(rt, order, cfg, received, None, None);
         for p in peers {
             f.add_peer(p, true);
         }
         f
     }
 
-    /// A fetcher with no peers yet (see [`Fetcher::add_peer`]).
+    /// A fetcher with no peers yet (see [`Fetcher::add_peer`]), whose
+    /// calls pass `hold`'s gate when given.
     pub fn new(
         rt: &tokio::runtime::Handle,
         order: &[ChunkEntry],
         cfg: FetchConfig,
         received: Arc<AtomicU64>,
         announce: Option<Announce>,
+        hold: Option<Hold>,
     ) -> Fetcher {
         Fetcher {
             shared: Arc::new(Shared {
@@ -260,11 +279,13 @@ impl Fetcher {
                     plan: Plan::new(order, cfg.plan(), cfg.seed),
                     ready: HashMap::new(),
                     peers: Vec::new(),
+                    stalled: Duration::ZERO,
                 }),
-                arrived: Condvar::new(),
+                arrived: tokio::sync::watch::Sender::new(0),
                 room: tokio::sync::Notify::new(),
                 received,
                 announce,
+                hold,
                 cfg,
             }),
             rt: rt.clone(),
@@ -279,6 +300,7 @@ impl Fetcher {
             let mut st = self.lock();
             st.peers.push(PeerCounts {
                 name: peer.name().to_string(),
+                full,
                 ..PeerCounts::default()
             });
             st.plan.add_peer(full)
@@ -321,6 +343,16 @@ impl Fetcher {
             .collect()
     }
 
+    /// The peers in order added: name, whether a full holder (at the
+    /// time it was added), verified bytes received from it.
+    pub fn sources(&self) -> Vec<(String, bool, u64)> {
+        self.lock()
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.full, p.bytes))
+            .collect()
+    }
+
     /// Verified bytes received per peer, in the order added.
     pub fn received_by_peer(&self) -> Vec<(String, u64)> {
         self.lock()
@@ -328,6 +360,12 @@ impl Fetcher {
             .iter()
             .map(|p| (p.name.clone(), p.bytes))
             .collect()
+    }
+
+    /// How long the materializer waited for chunks to arrive, in all (the
+    /// transfer's time not spent writing).
+    pub fn stalled(&self) -> Duration {
+        self.lock().stalled
     }
 
     /// Bytes still to arrive, and the live peers (all, full holders).
@@ -351,21 +389,35 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, se
             let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
+            // Paused, or giving way to a higher class: nothing is taken
+            // from the plan meanwhile, so other peers' workers can take it.
+            let admitted = match &shared.hold {
+                Some(h) => Some(h.gate.ready().await),
+                None => None,
+            };
             match shared
                 .state
                 .locked()
                 .plan
                 .take(peer, tokio::time::Instant::now())
             {
-                Take::Fetch(b) => break Some(b),
+                Take::Fetch(b) => break Some((b, admitted)),
                 Take::Done => break None,
                 Take::Wait => {}
             }
+            drop(admitted);
             // Also time makes work: a declined chunk becomes due for an
             // insisting ask, a slow call for a second one in the endgame.
             let _ = tokio::time::timeout(RECHECK, room).await;
         };
-        let Some(batch) = batch else { break };
+        let Some((batch, _admitted)) = batch else {
+            break;
+        };
+        if let Some(h) = &shared.hold {
+            h.gate
+                .download(batch.chunks.iter().map(|c| u64::from(c.len)).sum())
+                .await;
+        }
         let result = source.fetch(batch.chunks.clone(), batch.insist).await;
         match result {
             Err(FetchError::Busy(e)) if busy < MAX_BUSY => {
@@ -490,9 +542,13 @@ impl ChunkSource for Fetcher {
         let mut st = self.lock();
         let i = st.plan.reading(chunk);
         self.shared.room.notify_waiters();
+        let mut since: Option<std::time::Instant> = None;
         loop {
             if let Some(b) = st.ready.remove(&chunk.hash) {
                 st.plan.consumed(i);
+                if let Some(t) = since {
+                    st.stalled += t.elapsed();
+                }
                 self.shared.room.notify_waiters();
                 return Ok(Some(b));
             }
@@ -501,13 +557,36 @@ impl ChunkSource for Fetcher {
             if st.plan.is_consumed(i) || st.plan.unavailable(i) {
                 return Ok(None);
             }
-            let (guard, timeout) = self
-                .shared
-                .arrived
-                .wait_timeout(st, self.shared.cfg.stall)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            st = guard;
-            if timeout.timed_out() && !st.ready.contains_key(&chunk.hash) {
+            since.get_or_insert_with(std::time::Instant::now);
+            // Subscribed under the lock: a change after the check wakes it.
+            let mut arrived = self.shared.arrived.subscribe();
+            drop(st);
+            let paused = || self.shared.hold.as_ref().is_some_and(|h| h.gate.paused());
+            // Paused, no progress is expected: look at the stop flag often.
+            let wait = if paused() {
+                PAUSED_RECHECK
+            } else {
+                self.shared.cfg.stall
+            };
+            let progressed = crate::env::wait(&self.rt, async move {
+                tokio::time::timeout(wait, arrived.changed()).await.is_ok()
+            });
+            st = self.lock();
+            if !progressed && paused() {
+                if self
+                    .shared
+                    .hold
+                    .as_ref()
+                    .is_some_and(|h| h.stopping.load(Ordering::Relaxed))
+                {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "the directory is stopping while its transfer is paused",
+                    ));
+                }
+                continue;
+            }
+            if !progressed && !st.ready.contains_key(&chunk.hash) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(

@@ -33,10 +33,14 @@
 //! - [`env`]: time (tokio's, pausable) and randomness (seeded in tests).
 //! - [`sim`]: whole fleets in one process over the in-memory transport,
 //!   on a paused clock (the scripted simulation and the scale benchmark).
-//! - [`metrics`], [`topology`], [`sdnotify`], [`locks`], [`config`],
-//!   [`index`]: leaves.
+//! - [`config`]: `syncd.toml` and `dirs.d`, parsed and validated once.
+//! - [`bandwidth`]: upload and download caps (token buckets), priority
+//!   classes and pause, as gates a transfer's calls and served batches
+//!   pass.
+//! - [`metrics`], [`topology`], [`sdnotify`], [`locks`], [`index`]: leaves.
 
 pub mod admin;
+pub mod bandwidth;
 pub mod config;
 pub mod daemon;
 pub mod dir;

@@ -15,6 +15,7 @@ use chunk_store::indexer;
 use chunk_store::store::Store;
 use tokio::sync::{Notify, Semaphore};
 
+use crate::bandwidth::{Bandwidth, Caps};
 use crate::env::Env;
 use crate::fleet::FleetView;
 use crate::haves::{HaveLog, Served};
@@ -47,6 +48,8 @@ pub struct LocalNode {
     roots: RwLock<BTreeMap<String, PathBuf>>,
     pub scan_slots: Arc<Semaphore>,
     pub transfer_slots: Arc<Semaphore>,
+    /// Upload and download caps, directories' classes and pauses.
+    pub bandwidth: Arc<Bandwidth>,
     pub metrics: Metrics,
     /// Time and randomness (seeded in tests).
     pub env: Arc<Env>,
@@ -69,12 +72,19 @@ impl LocalNode {
             roots: RwLock::new(BTreeMap::new()),
             scan_slots: Arc::new(Semaphore::new(SCAN_SLOTS)),
             transfer_slots: Arc::new(Semaphore::new(TRANSFER_SLOTS)),
+            bandwidth: Arc::new(Bandwidth::default()),
             metrics: fleet.metrics.clone(),
             env: fleet.env.clone(),
             transport: fleet.transport.clone(),
             fleet,
             started: std::time::Instant::now(),
         }
+    }
+
+    /// This node with bandwidth caps (`[limits]` in `syncd.toml`).
+    pub fn with_caps(mut self, caps: Caps) -> LocalNode {
+        self.bandwidth = Arc::new(Bandwidth::new(caps));
+        self
     }
 
     /// One scan of a directory under the shared store gate; garbage
@@ -159,6 +169,7 @@ impl LocalNode {
     /// A directory is no longer carried.
     pub fn drop_dir(&self, id: &str) {
         self.roots.write_locked().remove(id);
+        self.bandwidth.remove_dir(id);
         self.fleet.remove_dir(id);
     }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use prometheus::{
-    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Buckets for durations from 1 ms to ~17 min.
@@ -47,6 +47,10 @@ pub struct Metrics {
     pub hook_duration: HistogramVec,
     pub corrupt_chunks: IntCounterVec,
     pub consecutive_failures: IntGaugeVec,
+    pub sent_by_role: IntCounterVec,
+    pub transfer_sources: IntGaugeVec,
+    pub bandwidth_cap: IntGaugeVec,
+    pub bandwidth_wait: CounterVec,
 }
 
 impl Metrics {
@@ -196,8 +200,38 @@ impl Metrics {
                 "Failed attempts in a row at the directory's work (0 after a success); retries back off.",
                 &["dir"],
             )?,
+            sent_by_role: counter(
+                "syncd_sent_bytes_by_role_total",
+                "Chunk bytes served to peers, by whether this node held the version whole (holder: an origin or a finished receiver) or was still receiving it (receiver).",
+                &["dir", "role"],
+            )?,
+            transfer_sources: gauge(
+                "syncd_transfer_sources",
+                "Peers of the transfer in progress, by kind: full holders and receivers feeding this node.",
+                &["dir", "kind"],
+            )?,
+            bandwidth_cap: gauge(
+                "syncd_bandwidth_cap_bytes_per_second",
+                "The node's bandwidth cap ([limits] in syncd.toml) by direction; 0: none.",
+                &["direction"],
+            )?,
+            bandwidth_wait: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "syncd_bandwidth_wait_seconds_total",
+                        "Time transfers and served streams waited for bandwidth caps (node and directory), by direction.",
+                    ),
+                    &["direction"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry: registry.clone(),
         };
+        for d in ["upload", "download"] {
+            m.bandwidth_cap.with_label_values(&[d]);
+            m.bandwidth_wait.with_label_values(&[d]);
+        }
         for reason in ["length", "hash"] {
             m.corrupt_chunks.with_label_values(&[reason]);
         }
@@ -257,6 +291,12 @@ impl Metrics {
             self.hook_runs.with_label_values(&[dir, result]);
         }
         self.consecutive_failures.with_label_values(&[dir]);
+        for role in ["holder", "receiver"] {
+            self.sent_by_role.with_label_values(&[dir, role]);
+        }
+        for kind in ["full", "receiving"] {
+            self.transfer_sources.with_label_values(&[dir, kind]);
+        }
     }
 
     /// Forgets the per-directory series of a directory no longer synced.
@@ -273,6 +313,12 @@ impl Metrics {
             let _ = v.remove_label_values(&[dir]);
         }
         let _ = self.transfer_rate.remove_label_values(&[dir]);
+        for role in ["holder", "receiver"] {
+            let _ = self.sent_by_role.remove_label_values(&[dir, role]);
+        }
+        for kind in ["full", "receiving"] {
+            let _ = self.transfer_sources.remove_label_values(&[dir, kind]);
+        }
         for s in crate::wire::STATES {
             let _ = self.dir_state.remove_label_values(&[dir, s]);
         }

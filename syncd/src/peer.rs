@@ -177,7 +177,7 @@ impl PeerService {
     }
 
     /// Accounts chunks served to `requester`.
-    fn record_sent(&self, requester: &str, dir: &str, bytes: u64, chunks: u64) {
+    fn record_sent(&self, requester: &str, dir: &str, holder: bool, bytes: u64, chunks: u64) {
         // Only configured ids become metric labels: a peer naming random
         // directories must not grow /metrics.
         if !self.node.carries(dir) {
@@ -190,6 +190,8 @@ impl PeerService {
         let m = &self.node.metrics;
         m.sent_bytes.with_label_values(&labels).inc_by(bytes);
         m.sent_chunks.with_label_values(&labels).inc_by(chunks);
+        let role = if holder { "holder" } else { "receiver" };
+        m.sent_by_role.with_label_values(&[dir, role]).inc_by(bytes);
     }
 }
 
@@ -276,27 +278,30 @@ impl PeerHandler for PeerService {
         let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
         let permit = self.serving.admit_nodes(peer_ip).await?;
         let store = self.node.store.clone();
-        let nodes = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut out = Vec::with_capacity(ids.len());
-            let mut total = 0;
-            for id in ids {
-                let data = if total < MAX_MESSAGE_BYTES / 2 {
-                    store.get_node(&id)?.unwrap_or_default()
-                } else {
-                    Vec::new() // over budget: the caller asks again
-                };
-                total += data.len();
-                out.push(pb::NodeBlob {
-                    id: id.as_bytes().to_vec(),
-                    data: Bytes::from(data),
-                });
-            }
-            Ok::<_, StoreError>(out)
-        })
-        .await
-        .map_err(|e| Refusal::Internal(e.to_string()))?
-        .map_err(Refusal::from)?;
+        let nodes = self
+            .node
+            .env
+            .blocking(move || {
+                let _permit = permit;
+                let mut out = Vec::with_capacity(ids.len());
+                let mut total = 0;
+                for id in ids {
+                    let data = if total < MAX_MESSAGE_BYTES / 2 {
+                        store.get_node(&id)?.unwrap_or_default()
+                    } else {
+                        Vec::new() // over budget: the caller asks again
+                    };
+                    total += data.len();
+                    out.push(pb::NodeBlob {
+                        id: id.as_bytes().to_vec(),
+                        data: Bytes::from(data),
+                    });
+                }
+                Ok::<_, StoreError>(out)
+            })
+            .await
+            .map_err(|e| Refusal::Internal(e.to_string()))?
+            .map_err(Refusal::from)?;
         Ok(pb::GetNodesResponse { nodes })
     }
 
@@ -339,16 +344,12 @@ impl PeerHandler for PeerService {
         }
         // Origin protection: a full holder of the version leaves out what
         // it sent another receiver a moment ago, unless asked to insist.
+        let holder = self.node.fleet.own_holds(&r.dir, &r.root);
         let declined: Vec<bool> = match Hash::from_slice(&r.root) {
-            Some(root)
-                if !r.insist
-                    && !r.requester.is_empty()
-                    && self.node.fleet.own_holds(&r.dir, &r.root) =>
-            {
-                self.node
-                    .served
-                    .decline(&r.dir, root, &r.requester, &hashes)
-            }
+            Some(root) if !r.insist && !r.requester.is_empty() && holder => self
+                .node
+                .served
+                .decline(&r.dir, root, &r.requester, &hashes),
             _ => Vec::new(),
         };
         let declined = Arc::new(declined);
@@ -368,14 +369,18 @@ impl PeerHandler for PeerService {
                 // stream with a deadline: a reader that stops reading
                 // holds no thread, and is dropped after STREAM_STALL.
                 let (n2, h2, d2) = (node.clone(), hashes.clone(), declined.clone());
-                let read =
-                    tokio::task::spawn_blocking(move || read_batch(&n2, &h2, &d2, next)).await;
+                let read = node
+                    .env
+                    .blocking(move || read_batch(&n2, &h2, &d2, next))
+                    .await;
                 let Ok((batch, upto, bytes, count)) = read else {
                     break;
                 };
                 next = upto;
                 sent += bytes;
                 chunks += count;
+                // Upload caps, and a lower class giving way to a higher.
+                node.bandwidth.upload(&dir, bytes).await;
                 match tokio::time::timeout(STREAM_STALL, tx.send(Ok(batch))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break, // the caller went away
@@ -385,7 +390,7 @@ impl PeerHandler for PeerService {
                     }
                 }
             }
-            service.record_sent(&requester, &dir, sent, chunks);
+            service.record_sent(&requester, &dir, holder, sent, chunks);
         });
         Ok(Box::pin(ServedChunks {
             inner: tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -647,9 +652,11 @@ impl NodeSource for RemotePeer {
             ids: vec![hash.as_bytes().to_vec()],
         };
         let started = std::time::Instant::now();
-        let resp = self
-            .rt
-            .block_on(self.transport.get_nodes(&self.address, req));
+        let (transport, address) = (self.transport.clone(), self.address.clone());
+        let resp = crate::env::wait(
+            &self.rt,
+            async move { transport.get_nodes(&address, req).await },
+        );
         self.metrics
             .rpc_duration
             .with_label_values(&["get_nodes"])

@@ -62,6 +62,16 @@ enum Command {
     Pause(Targets),
     /// Undo pause.
     Resume(Targets),
+    /// Set directories' priority class (high, normal, low) until the next
+    /// restart or a change of `priority` in their file; a transfer in
+    /// progress follows from its next call.
+    Priority {
+        /// high, normal or low.
+        #[arg(value_parser = ["high", "normal", "low"])]
+        class: String,
+        #[command(flatten)]
+        targets: Targets,
+    },
     /// Scan a directory now and return when done (a replica then pulls).
     Rescan(Targets),
     /// Undo local edits on a replica: fetch the newest version again.
@@ -232,6 +242,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Pause(t) => control(&mut client, "pause", t, cli.json).await?,
         Command::Resume(t) => control(&mut client, "resume", t, cli.json).await?,
+        Command::Priority { class, targets } => {
+            control_with(&mut client, "priority", &class, targets, cli.json).await?
+        }
         Command::Rescan(t) => control(&mut client, "rescan", t, cli.json).await?,
         Command::Revert(t) => control(&mut client, "revert", t, cli.json).await?,
         Command::Wait {
@@ -296,8 +309,15 @@ fn short(root: &str) -> &str {
 
 fn status_text(s: &pba::StatusReply) -> String {
     let p = s.peers.unwrap_or_default();
+    let cap = |c: u64| {
+        if c == 0 {
+            "none".to_string()
+        } else {
+            format!("{}/s", bytes(c))
+        }
+    };
     let mut out = format!(
-        "node {}  syncd {}  up {}  peers: {} alive, {} suspect, {} dead\n\n",
+        "node {}  syncd {}  up {}  peers: {} alive, {} suspect, {} dead\n",
         s.node_id,
         s.syncd_version,
         duration(s.uptime_seconds),
@@ -305,6 +325,14 @@ fn status_text(s: &pba::StatusReply) -> String {
         p.suspect,
         p.dead
     );
+    if s.upload_cap + s.download_cap > 0 {
+        out.push_str(&format!(
+            "caps: upload {}, download {}\n",
+            cap(s.upload_cap),
+            cap(s.download_cap)
+        ));
+    }
+    out.push('\n');
     let mut t = table(&[
         "DIR",
         "MODE",
@@ -314,6 +342,8 @@ fn status_text(s: &pba::StatusReply) -> String {
         "CONVERGED",
         "PENDING",
         "RATE",
+        "ETA",
+        "PRIORITY",
     ]);
     for d in &s.dirs {
         t.add_row(vec![
@@ -329,9 +359,42 @@ fn status_text(s: &pba::StatusReply) -> String {
                 "-".into()
             },
             format!("{}/s", bytes(d.rate_bytes_per_second as u64)),
+            if d.eta_seconds > 0.0 {
+                duration(d.eta_seconds.ceil() as u64)
+            } else {
+                "-".into()
+            },
+            d.priority.clone(),
         ]);
     }
     out.push_str(&format!("{t}\n"));
+    for d in &s.dirs {
+        if !d.sources.is_empty() {
+            // Who gave most first.
+            let mut by_bytes: Vec<&pba::TransferSource> = d.sources.iter().collect();
+            by_bytes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.node_id.cmp(&b.node_id)));
+            let from: Vec<String> = by_bytes
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{}{} {}",
+                        x.node_id,
+                        if x.full { "" } else { " (receiving)" },
+                        bytes(x.bytes)
+                    )
+                })
+                .collect();
+            out.push_str(&format!("\n{}: sources: {}\n", d.id, from.join(", ")));
+        }
+        if d.upload_cap + d.download_cap > 0 {
+            out.push_str(&format!(
+                "{}: caps: upload {}, download {}\n",
+                d.id,
+                cap(d.upload_cap),
+                cap(d.download_cap)
+            ));
+        }
+    }
     for d in &s.dirs {
         if !d.reason.is_empty() {
             out.push_str(&format!("\n{}: error: {}\n", d.id, d.reason));
@@ -460,11 +523,22 @@ async fn control(
     t: Targets,
     json: bool,
 ) -> Result<(), Failure> {
+    control_with(client, action, "", t, json).await
+}
+
+async fn control_with(
+    client: &mut AdminClient<Channel>,
+    action: &str,
+    priority: &str,
+    t: Targets,
+    json: bool,
+) -> Result<(), Failure> {
     let r = client
         .control(pba::ControlRequest {
             action: action.into(),
             dirs: t.dirs,
             all: t.all,
+            priority: priority.into(),
         })
         .await
         .map_err(rpc_error)?
@@ -476,9 +550,14 @@ async fn control(
             "pause" => "paused",
             "resume" => "resumed",
             "rescan" => "rescanning",
+            "priority" => "priority set",
             _ => "reverting",
         };
-        println!("{past}: {}", r.affected.join(", "));
+        if action == "priority" {
+            println!("priority {priority}: {}", r.affected.join(", "));
+        } else {
+            println!("{past}: {}", r.affected.join(", "));
+        }
     }
     Ok(())
 }
@@ -560,6 +639,7 @@ async fn wait(
                 action: "rescan".into(),
                 dirs: vec![dir.to_string()],
                 all: false,
+                priority: String::new(),
             })
             .await
             .map_err(rpc_error)?;

@@ -272,3 +272,46 @@ fn overlaps_through_symlinks_are_rejected() {
         .dir("b.toml", &dir("b", &real));
     assert!(f.err().contains("overlaps"), "{}", f.err());
 }
+
+/// Bandwidth caps per node and per directory, and priorities: parsed with
+/// units, absent means no cap and normal priority, and a zero cap or an
+/// unknown class is an error naming the file and line.
+#[test]
+fn limits_and_priorities() {
+    let node = format!("{NODE}[limits]\nupload = \"25MB\"\ndownload = \"100MiB\"\n");
+    let f = Files::new(&node)
+        .dir(
+            "bulk.toml",
+            "id = \"bulk\"\npath = \"/srv/bulk\"\nmode = \"replica\"\npriority = \"low\"\n\n[limits]\ndownload = \"10MB\"\n",
+        )
+        .dir("www.toml", WWW);
+    let c = f.load().unwrap();
+    assert_eq!(
+        c.node.limits.caps(),
+        Caps {
+            upload: Some(25_000_000),
+            download: Some(100 << 20)
+        }
+    );
+    let bulk = &c.dirs["bulk"].1;
+    assert_eq!(bulk.priority, Priority::Low);
+    assert_eq!(bulk.limits.caps().download, Some(10_000_000));
+    assert_eq!(bulk.limits.caps().upload, None);
+    let www = &c.dirs["www"].1;
+    assert_eq!(www.priority, Priority::Normal);
+    assert_eq!(www.limits.caps(), Caps::default());
+
+    let zero = format!("{NODE}[limits]\nupload = \"0\"\n");
+    let e = Files::new(&zero).err();
+    assert!(
+        e.contains("syncd.toml:14: limits upload must be at least 1KiB"),
+        "{e}"
+    );
+    let e = Files::new(NODE)
+        .dir(
+            "a.toml",
+            "id = \"a\"\npath = \"/srv/a\"\nmode = \"replica\"\npriority = \"urgent\"\n",
+        )
+        .err();
+    assert!(e.contains("a.toml") && e.contains("urgent"), "{e}");
+}

@@ -83,14 +83,27 @@ impl DirHandle {
         self.send(Command::Poke);
     }
 
+    /// Pauses the directory, its transfer in progress included (it holds
+    /// where it is: no new calls, nothing given up).
     pub fn pause(&self) {
         self.state.update(|s| s.paused = true);
+        self.state.bandwidth.set_paused(true);
         self.send(Command::Pause);
     }
 
     pub fn resume(&self) {
         self.state.update(|s| s.paused = false);
+        self.state.bandwidth.set_paused(false);
         self.send(Command::Resume);
+    }
+
+    /// Changes the directory's priority class, for its transfer in
+    /// progress too (from its next call on).
+    pub fn set_priority(&self, p: crate::bandwidth::Priority) {
+        if self.state.bandwidth.control().priority != p {
+            tracing::info!(dir = %self.state.id, priority = p.as_str(), "priority changed");
+        }
+        self.state.bandwidth.set_priority(p);
     }
 
     /// Undoes local edits on a replica.
@@ -173,6 +186,7 @@ pub struct Prepared {
 pub fn create(node: &Arc<LocalNode>, dir: DirState) -> Prepared {
     let dir = Arc::new(dir);
     node.metrics.init_dir(&dir.id);
+    node.bandwidth.register(dir.bandwidth.clone());
     node.carry(&dir.id, &dir.path);
     dir.announce();
     let (tx, rx) = mpsc::channel(16);
@@ -188,7 +202,7 @@ pub async fn prepare(node: &Arc<LocalNode>, p: &Prepared) {
     let (n, d) = (node.clone(), dir.clone());
     // A directory that cannot be scanned (missing, unmounted) is an error
     // state, not a reason to stop the node: its actor keeps retrying.
-    match tokio::task::spawn_blocking(move || scan(&n, &d)).await {
+    match node.env.blocking(move || scan(&n, &d)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             tracing::error!(dir = %dir.id, error = %e, fault = e.fault().as_str(), "initial scan failed")
@@ -228,8 +242,9 @@ pub fn start(node: &Arc<LocalNode>, p: Prepared) -> Running {
         tokio::join!(actor.run(), async {
             // A hook running at stop is killed (kill_on_drop).
             tokio::select! {
-                _ = crate::hooks::run_hooks(metrics, hooks, versions) => {}
+                biased;
                 _ = stop.cancelled() => {}
+                _ = crate::hooks::run_hooks(metrics, hooks, versions) => {}
             }
         });
     });
@@ -300,7 +315,11 @@ enum Wake {
 impl Actor {
     async fn run(mut self) {
         let (tx, mut events) = mpsc::channel::<()>(1);
-        let watcher = watch(&self.dir, tx);
+        let watcher = if self.dir.watch {
+            watch(&self.dir, tx)
+        } else {
+            None
+        };
         // Without a watcher the channel is closed: stop polling it (it
         // would be ready at once, forever).
         let mut watching = watcher.is_some();
@@ -318,19 +337,23 @@ impl Actor {
                 .retry
                 .next_at
                 .filter(|t| *t > tokio::time::Instant::now());
+            // Biased, in this order (tokio otherwise picks among ready
+            // branches at random, which a seed cannot replay): none of
+            // these stays ready, so none starves the rest.
             let wake = tokio::select! {
-                e = events.recv(), if watching => {
-                    watching = e.is_some();
-                    if e.is_some() { Wake::Scan } else { Wake::Look }
-                }
+                biased;
+                _ = self.dir.stop.cancelled() => Wake::Stop,
                 c = self.rx.recv() => match c {
                     None => Wake::Stop,
                     Some(c) => self.command(c),
                 },
+                e = events.recv(), if watching => {
+                    watching = e.is_some();
+                    if e.is_some() { Wake::Scan } else { Wake::Look }
+                }
                 _ = fleet.learned.notified(), if self.dir.mode != Mode::Source => Wake::Look,
-                _ = tokio::time::sleep(tick) => Wake::Look,
                 _ = sleep_until(retry_at) => Wake::Look,
-                _ = self.dir.stop.cancelled() => Wake::Stop,
+                _ = tokio::time::sleep(tick) => Wake::Look,
             };
             if self.dir.stop.is_cancelled() {
                 break;
@@ -420,8 +443,9 @@ impl Actor {
         let before = self.dir.status().phase;
         self.dir.set_phase(Phase::Waiting);
         let p = tokio::select! {
-            p = slots.clone().acquire_owned() => p.ok(),
+            biased;
             _ = self.dir.stop.cancelled() => None,
+            p = slots.clone().acquire_owned() => p.ok(),
         };
         if p.is_some() && before != Phase::Error {
             self.dir.set_phase(before);
@@ -435,11 +459,14 @@ impl Actor {
             return Err(SyncError::Local("stopping".into()));
         };
         let (n, d) = (self.node.clone(), self.dir.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            scan(&n, &d)
-        })
-        .await;
+        let done = self
+            .node
+            .env
+            .blocking(move || {
+                let _permit = permit;
+                scan(&n, &d)
+            })
+            .await;
         match done {
             Ok(Ok(changed)) => {
                 self.must_rescan = false;
@@ -475,13 +502,16 @@ impl Actor {
         self.retry.last_attempt = Some(tokio::time::Instant::now());
         let (n, d, rt) = (self.node.clone(), self.dir.clone(), self.rt.clone());
         let v = version.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut involved = HashSet::new();
-            let r = replica::pull(&n, &d, &v, &holders, &rt, &mut involved);
-            (r, involved)
-        })
-        .await;
+        let done = self
+            .node
+            .env
+            .blocking(move || {
+                let _permit = permit;
+                let mut involved = HashSet::new();
+                let r = replica::pull(&n, &d, &v, &holders, &rt, &mut involved);
+                (r, involved)
+            })
+            .await;
         match done {
             Ok((Ok(()), _)) => self.settled(),
             Ok((Err(e), involved)) => {
@@ -593,16 +623,9 @@ pub fn panicked(
     dir: &DirState,
     retry: &mut Retry,
     what: &str,
-    e: tokio::task::JoinError,
+    e: crate::env::Panic,
 ) -> String {
-    let msg = match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into()),
-        Err(e) => e.to_string(),
-    };
+    let msg = e.0;
     let wait = retry.failed(&node.env);
     let (failures, at) = (retry.failures, retry.next_at);
     let reason = format!(

@@ -12,11 +12,12 @@ use chunk_store::indexer::{self, ScanReport};
 use chunk_store::{Hash, manifest};
 use sync_proto::pb;
 
-use super::state::{DirState, Phase, Retry};
+use super::state::{DirState, Phase, Retry, Source};
 use crate::error::SyncError;
-use crate::fetch::{Announce, ChunkPeer, FetchConfig, Fetcher};
+use crate::fetch::{Announce, ChunkPeer, FetchConfig, Fetcher, Hold};
 use crate::fleet::Holder;
 use crate::local::LocalNode;
+use crate::locks::LockExt as _;
 use crate::materialize::{self, InFlight, LocalChunks};
 use crate::peer::{PeerChunks, RemotePeer};
 
@@ -306,6 +307,10 @@ fn transfer(
         cfg,
         p.received.clone(),
         Some(announce),
+        Some(Hold {
+            gate: Arc::new(node.bandwidth.transfer(&dir.bandwidth)),
+            stopping: dir.stopping.clone(),
+        }),
     ));
     let source = |p: &RemotePeer| -> Arc<dyn ChunkPeer> {
         Arc::new(PeerChunks {
@@ -320,6 +325,7 @@ fn transfer(
     }
     let discovery = Discovery(rt.spawn(discover(
         Arc::downgrade(&fetcher),
+        p.sources.clone(),
         node.fleet.clone(),
         node.id.clone(),
         dir.id.clone(),
@@ -410,6 +416,7 @@ fn transfer(
         received_bytes = fetcher.received(),
         from = ?fetcher.received_by_peer(),
         nodes_visited = diff.nodes_visited,
+        stalled_s = fetcher.stalled().as_secs_f64(),
         diff_s = diffed.as_secs_f64(),
         apply_s = (applied_at - diffed).as_secs_f64(),
         total_s = started.elapsed().as_secs_f64(),
@@ -431,6 +438,7 @@ impl Drop for Discovery {
 /// the transfer runs, up to [`MAX_SOURCES`].
 async fn discover(
     fetcher: std::sync::Weak<Fetcher>,
+    sources: Arc<std::sync::Mutex<Vec<Source>>>,
     fleet: Arc<crate::fleet::FleetView>,
     me: String,
     dir: String,
@@ -438,6 +446,14 @@ async fn discover(
     rt: tokio::runtime::Handle,
 ) {
     loop {
+        if let Some(f) = fetcher.upgrade() {
+            // For `syncctl status`: who feeds this transfer, how much.
+            *sources.locked() = f
+                .sources()
+                .into_iter()
+                .map(|(id, full, bytes)| Source { id, full, bytes })
+                .collect();
+        }
         tokio::time::sleep(DISCOVER_EVERY).await;
         let Some(f) = fetcher.upgrade() else { return };
         let known: HashSet<String> = f.peer_names().into_iter().collect();

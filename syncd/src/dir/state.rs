@@ -11,9 +11,11 @@ use chunk_store::ignore::Ignore;
 use chunk_store::indexer;
 use sync_proto::pb;
 
+use crate::bandwidth::{Control, DirBandwidth};
 use crate::config::{DirFile, Mode};
 use crate::env::Env;
 use crate::fleet::{FleetView, OwnDir};
+use crate::locks::LockExt as _;
 
 /// What a directory is doing (paused is a flag on top of this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +94,19 @@ pub struct Progress {
     /// Receive rate, bytes per second (f64 bits), smoothed over seconds.
     rate: AtomicU64,
     rate_seen: AtomicU64,
+    /// The transfer's peers and what each gave so far (refreshed every
+    /// second while it runs).
+    pub sources: Arc<std::sync::Mutex<Vec<Source>>>,
+}
+
+/// A peer of the transfer in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub id: String,
+    /// Holds the whole version (else it is a receiver feeding us).
+    pub full: bool,
+    /// Verified chunk bytes received from it in this transfer.
+    pub bytes: u64,
 }
 
 impl Progress {
@@ -124,11 +139,23 @@ impl Progress {
         f64::from_bits(self.rate.load(Ordering::Relaxed))
     }
 
+    /// Seconds until the transfer in progress is done at the current
+    /// rate (0 when none runs or nothing arrived yet).
+    pub fn eta_seconds(&self) -> f64 {
+        let (pending, rate) = (self.pending_bytes(), self.rate());
+        if pending == 0 || rate < 1.0 {
+            0.0
+        } else {
+            pending as f64 / rate
+        }
+    }
+
     /// Between transfers.
     pub fn clear(&self) {
         for a in [&self.bytes_total, &self.files_total, &self.files_done] {
             a.store(0, Ordering::Relaxed);
         }
+        self.sources.locked().clear();
     }
 }
 
@@ -152,8 +179,14 @@ pub struct DirState {
     pub ignore: Ignore,
     pub hook: Vec<String>,
     pub hook_timeout: Duration,
+    /// Whether file events trigger scans (always in the daemon; the
+    /// simulation turns it off: events arrive at real, not simulated,
+    /// times, and its scripts rescan explicitly).
+    pub watch: bool,
     /// What a version may be: sizes, entries, free space, setid bits.
     pub limits: DirLimits,
+    /// Bandwidth caps, priority and pause, as transfers see them.
+    pub bandwidth: Arc<DirBandwidth>,
     status: tokio::sync::watch::Sender<DirStatus>,
     pub progress: Progress,
     /// The version whose on_synced hook should run (coalesced).
@@ -178,7 +211,16 @@ impl DirState {
             ignore: Ignore::new(d.ignore.get_ref()).map_err(|e| format!("ignore patterns: {e}"))?,
             hook: d.on_synced.get_ref().clone(),
             hook_timeout: d.on_synced_timeout,
+            watch: true,
             limits: limits_of(d),
+            bandwidth: Arc::new(DirBandwidth::new(
+                id,
+                d.limits.caps(),
+                Control {
+                    paused: false,
+                    priority: d.priority,
+                },
+            )),
             status: tokio::sync::watch::Sender::new(DirStatus {
                 phase: Phase::Scanning,
                 paused: false,

@@ -70,7 +70,7 @@ async fn a_panic_marks_the_directory_and_backs_off_without_poisoning() {
     assert!(node.store_gate.is_poisoned());
     let now = tokio::time::Instant::now();
     let mut retry = Retry::default();
-    panicked(&node, &dir, &mut retry, "sync", e);
+    panicked(&node, &dir, &mut retry, "sync", e.into());
     let s = dir.status();
     assert_eq!(s.state_name(), "error");
     assert!(

@@ -79,6 +79,19 @@ struct Want {
     declined: Option<Instant>,
 }
 
+impl Want {
+    /// `peer` no longer has an outstanding ask for this chunk; with nobody
+    /// left asking, the chunk is open again.
+    fn unask(&mut self, peer: PeerId) {
+        if let State::Asked(by, _) = &mut self.state {
+            by.retain(|&q| q != peer);
+            if by.is_empty() {
+                self.state = State::Open;
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Have {
     All,
@@ -232,12 +245,7 @@ impl Plan {
             }
         }
         for w in &mut self.wants[self.first..] {
-            if let State::Asked(by, _) = &mut w.state {
-                by.retain(|&q| q != peer);
-                if by.is_empty() {
-                    w.state = State::Open;
-                }
-            }
+            w.unask(peer);
         }
     }
 
@@ -385,12 +393,7 @@ impl Plan {
                 }
                 continue;
             }
-            if let State::Asked(by, _) = &mut w.state {
-                by.retain(|&q| q != peer);
-                if by.is_empty() {
-                    w.state = State::Open;
-                }
-            }
+            w.unask(peer);
             if full && declined(&c.hash) {
                 // Left out to protect its upload: wait for a receiver.
                 w.declined = Some(now);
@@ -414,13 +417,8 @@ impl Plan {
         p.errors += 1;
         let drop = p.errors >= self.cfg.max_errors;
         for c in &batch.chunks {
-            if let Some(&i) = self.index.get(&c.hash)
-                && let State::Asked(by, _) = &mut self.wants[i].state
-            {
-                by.retain(|&q| q != peer);
-                if by.is_empty() {
-                    self.wants[i].state = State::Open;
-                }
+            if let Some(&i) = self.index.get(&c.hash) {
+                self.wants[i].unask(peer);
             }
         }
         if drop {
@@ -434,13 +432,8 @@ impl Plan {
         let p = &mut self.peers[peer];
         p.asked = p.asked.saturating_sub(1);
         for c in &batch.chunks {
-            if let Some(&i) = self.index.get(&c.hash)
-                && let State::Asked(by, _) = &mut self.wants[i].state
-            {
-                by.retain(|&q| q != peer);
-                if by.is_empty() {
-                    self.wants[i].state = State::Open;
-                }
+            if let Some(&i) = self.index.get(&c.hash) {
+                self.wants[i].unask(peer);
             }
         }
     }

@@ -271,3 +271,187 @@ fn a_small_transfer_comes_from_the_nearest_peer() {
         assert_eq!(f.received_by_peer()[0].1, 3 * (64 << 10));
     }
 }
+
+/// A peer that holds everything, answers after `delay`, and records the
+/// most calls it ever had in flight at once.
+struct Tracked {
+    name: String,
+    chunks: HashMap<Hash, Bytes>,
+    delay: Duration,
+    calls: Arc<AtomicUsize>,
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl Tracked {
+    fn new(name: &str, d: &Data, delay: Duration) -> Tracked {
+        Tracked {
+            name: name.into(),
+            chunks: d.bytes.clone(),
+            delay,
+            calls: Arc::default(),
+            now: Arc::default(),
+            most: Arc::default(),
+        }
+    }
+}
+
+impl ChunkPeer for Tracked {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fetch(&self, chunks: Vec<ChunkEntry>, _insist: bool) -> Fut<FetchResult> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let out: HashMap<Hash, Bytes> = chunks
+            .iter()
+            .map(|c| (c.hash, self.chunks[&c.hash].clone()))
+            .collect();
+        let (delay, now) = (self.delay, self.now.clone());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(out.into())
+        })
+    }
+}
+
+use crate::bandwidth::{Bandwidth, Caps, Control, DirBandwidth, Priority};
+
+fn gated(
+    d: &Data,
+    bw: &Arc<Bandwidth>,
+    dir: &Arc<DirBandwidth>,
+    peer: Tracked,
+) -> (Fetcher, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (calls, most) = (peer.calls.clone(), peer.most.clone());
+    let f = Fetcher::new(
+        &tokio::runtime::Handle::current(),
+        &d.order,
+        FetchConfig {
+            // Everything may be fetched ahead: no materializer reads here.
+            ahead_bytes: 64 << 20,
+            ..small_windows()
+        },
+        Default::default(),
+        None,
+        Some(Hold {
+            gate: Arc::new(bw.transfer(dir)),
+            stopping: Arc::default(),
+        }),
+    );
+    f.add_peer(Arc::new(peer), true);
+    (f, calls, most)
+}
+
+fn dir_bw(
+    bw: &Bandwidth,
+    id: &str,
+    caps: Caps,
+    paused: bool,
+    priority: Priority,
+) -> Arc<DirBandwidth> {
+    let d = Arc::new(DirBandwidth::new(id, caps, Control { paused, priority }));
+    bw.register(d.clone());
+    d
+}
+
+/// Steps paused time until `f` has everything, returning how long it took.
+async fn until_done(f: &Fetcher) -> Duration {
+    let start = tokio::time::Instant::now();
+    while f.progress().0 > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(start.elapsed() < Duration::from_secs(600), "never finished");
+    }
+    start.elapsed()
+}
+
+/// A paused transfer makes no call however long it stays paused, and
+/// finishes once resumed (paused time: a minute passes in no time).
+#[tokio::test(start_paused = true)]
+async fn a_paused_transfer_makes_no_calls_until_resumed() {
+    let d = data(32);
+    let bw = Arc::new(Bandwidth::default());
+    let dir = dir_bw(&bw, "www", Caps::default(), true, Priority::Normal);
+    let (f, calls, _) = gated(
+        &d,
+        &bw,
+        &dir,
+        Tracked::new("a", &d, Duration::from_millis(5)),
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "a paused transfer asked a peer"
+    );
+    assert_eq!(f.progress().0, 32 * (64 << 10));
+    dir.set_paused(false);
+    until_done(&f).await;
+    assert_eq!(f.received(), 32 * (64 << 10));
+}
+
+/// A directory's download cap and the node's both hold: 4 MiB through a
+/// 1 MiB/s cap takes 3 s after the first second's burst, whichever of the
+/// two is the smaller.
+#[tokio::test(start_paused = true)]
+async fn download_caps_hold_the_rate() {
+    let d = data(64); // 4 MiB
+    for (node_cap, dir_cap) in [(None, Some(1 << 20)), (Some(1 << 20), Some(8 << 20))] {
+        let bw = Arc::new(Bandwidth::new(Caps {
+            upload: None,
+            download: node_cap,
+        }));
+        let caps = Caps {
+            upload: None,
+            download: dir_cap,
+        };
+        let dir = dir_bw(&bw, "www", caps, false, Priority::Normal);
+        let (f, _, _) = gated(
+            &d,
+            &bw,
+            &dir,
+            Tracked::new("a", &d, Duration::from_millis(1)),
+        );
+        let took = until_done(&f).await.as_secs_f64();
+        assert!(
+            (2.9..3.3).contains(&took),
+            "4 MiB at 1 MiB/s (node {node_cap:?}, dir {dir_cap:?}) took {took} s"
+        );
+    }
+}
+
+/// While a high-priority transfer runs, a low-priority one keeps one
+/// call in flight (it trickles, it does not stall); alone, it uses its
+/// peer's every call slot.
+#[tokio::test(start_paused = true)]
+async fn a_low_priority_transfer_trickles_while_a_high_one_runs() {
+    let bw = Arc::new(Bandwidth::default());
+    let (big, small) = (data(256), data(32));
+    let low = dir_bw(&bw, "bulk", Caps::default(), false, Priority::Low);
+    let high = dir_bw(&bw, "conf", Caps::default(), false, Priority::High);
+    let delay = Duration::from_millis(50);
+    let (f_high, _, most_high) = gated(&small, &bw, &high, Tracked::new("h", &small, delay));
+    let (f_low, calls_low, most_low) = gated(&big, &bw, &low, Tracked::new("l", &big, delay));
+    until_done(&f_high).await;
+    assert!(
+        most_high.load(Ordering::SeqCst) >= 2,
+        "the high transfer used its slots"
+    );
+    assert_eq!(
+        most_low.load(Ordering::SeqCst),
+        1,
+        "the low transfer trickled"
+    );
+    assert!(
+        calls_low.load(Ordering::SeqCst) > 0,
+        "the low transfer did not stall"
+    );
+    assert!(f_low.progress().0 > 0);
+    // The high transfer ends: the low one gets every slot back.
+    drop(f_high);
+    until_done(&f_low).await;
+    assert!(most_low.load(Ordering::SeqCst) >= 2);
+}

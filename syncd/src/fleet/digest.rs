@@ -4,7 +4,7 @@
 //! hashes, and the node's digest the XOR of the buckets (PROTOCOL.md,
 //! "Gossip"). Only this node's record and those of live members count.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use prost::Message as _;
@@ -93,11 +93,13 @@ impl FleetView {
         buckets: &[u32],
         keys: &[pb::RecordKey],
     ) -> (Vec<pb::Holdings>, Vec<String>) {
-        let theirs: HashMap<&str, (u64, u64)> = keys
+        // Ordered maps: the records sent, and the ids asked for, come out
+        // in one order for one input (the simulation replays exactly).
+        let theirs: BTreeMap<&str, (u64, u64)> = keys
             .iter()
             .map(|k| (k.node_id.as_str(), (k.incarnation, k.seq)))
             .collect();
-        let mine: HashMap<String, (u64, u64)> = self
+        let mine: BTreeMap<String, (u64, u64)> = self
             .keys_in(buckets)
             .into_iter()
             .map(|k| (k.node_id, (k.incarnation, k.seq)))

@@ -77,7 +77,10 @@ pub async fn run(view: Arc<FleetView>) {
 pub async fn run_with(view: Arc<FleetView>, opts: Options) {
     let mut next = tokio::time::Instant::now() + ROUND.mul_f64(view.env.uniform(0.0..1.0));
     loop {
+        // Biased (a seed replays the same choice); the round comes first,
+        // so a steady stream of pushes cannot hold rounds off.
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(next) => {
                 next = tokio::time::Instant::now() + ROUND.mul_f64(view.env.uniform(0.9..1.1));
                 round(&view).await;

@@ -244,11 +244,10 @@ async fn run(
     let mut announce = tokio::time::interval(REANNOUNCE);
     announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Biased (a seed replays the same choice); the tick first, so a
+        // busy inbox cannot hold re-announcing off.
         let input = tokio::select! {
-            i = rx.recv() => match i {
-                Some(i) => i,
-                None => return,
-            },
+            biased;
             _ = announce.tick() => {
                 if foca.num_members() == 0 {
                     for a in &bootstrap {
@@ -259,6 +258,10 @@ async fn run(
                 }
                 continue;
             }
+            i = rx.recv() => match i {
+                Some(i) => i,
+                None => return,
+            },
         };
         let result = match input {
             Input::Leave(done) => {

@@ -228,39 +228,6 @@ async fn own_record_changes_hard_at_once_and_soft_later() {
     assert!(v.take_pushes().is_empty(), "soft changes are not pushed");
 }
 
-/// A fleet of fleet views over the in-memory network.
-fn fleet(net: &Arc<MemNet>, n: usize, seed: u64) -> Vec<Arc<FleetView>> {
-    let views: Vec<Arc<FleetView>> = (0..n)
-        .map(|i| {
-            let addr = format!("10.0.{}.{}:7400", i / 250, i % 250 + 1);
-            let v = view(
-                &format!("n{i}"),
-                &addr,
-                Arc::new(net.transport(&addr)),
-                seed * 1000 + i as u64,
-            );
-            net.listen(&addr, Arc::new(peer::FleetPeer(v.clone())));
-            v
-        })
-        .collect();
-    // Everyone knows everyone as SWIM would tell them.
-    for a in &views {
-        for b in &views {
-            if a.id != b.id {
-                a.member(
-                    &Ident {
-                        address: b.address.clone(),
-                        node_id: b.id.clone(),
-                        bump: 1,
-                    },
-                    Liveness::Alive,
-                );
-            }
-        }
-    }
-    views
-}
-
 async fn rounds(views: &[Arc<FleetView>]) {
     let mut set = tokio::task::JoinSet::new();
     for v in views {
@@ -275,7 +242,7 @@ async fn rounds(views: &[Arc<FleetView>]) {
 #[tokio::test(start_paused = true)]
 async fn digests_converge_without_pushes_and_idle_rounds_stay_small() {
     let net = MemNet::new();
-    let views = fleet(&net, 40, 4);
+    let views = crate::sim::fleet::members(&net, 40, 4);
     for v in &views {
         v.set_dir(
             "www",
@@ -313,7 +280,7 @@ async fn digests_converge_without_pushes_and_idle_rounds_stay_small() {
 #[tokio::test(start_paused = true)]
 async fn a_peer_of_another_protocol_is_refused_clearly() {
     let net = MemNet::new();
-    let views = fleet(&net, 2, 5);
+    let views = crate::sim::fleet::members(&net, 2, 5);
     let t = net.transport("10.9.9.9:7400");
     let old = pb::GossipRequest {
         protocol: 1,

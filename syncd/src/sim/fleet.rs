@@ -24,39 +24,33 @@ pub struct FleetSim {
     tasks: tokio::task::JoinSet<()>,
 }
 
-impl FleetSim {
-    /// `n` views that all know each other as live members, each holding
-    /// version `1` of [`DIR`] and every other's record (a converged,
-    /// idle fleet). Gossip is not running yet ([`FleetSim::start`]).
-    pub fn converged(n: usize, seed: u64) -> FleetSim {
-        let net = MemNet::new();
-        let views: Vec<Arc<FleetView>> = (0..n)
-            .map(|i| {
-                let address = super::address(i);
-                let v = Arc::new(FleetView::new(
-                    format!("n{i}"),
-                    address.clone(),
-                    BTreeMap::new(),
-                    1,
-                    vec![],
-                    Arc::new(net.transport(&address)),
-                    Arc::new(Env::seeded(
-                        seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-                    )),
-                    Metrics::new().expect("metrics"),
-                ));
-                net.listen(&address, Arc::new(FleetPeer(v.clone())));
-                v.set_dir(DIR, own(version(1, 0), "idle"));
-                v.take_pushes();
-                v
-            })
-            .collect();
-        let records: Vec<pb::Holdings> = views.iter().map(|v| (*v.own_record()).clone()).collect();
-        for a in &views {
-            for (b, r) in views.iter().zip(&records) {
-                if a.id == b.id {
-                    continue;
-                }
+/// `n` fleet views listening on `net` (node `i` is `n{i}` at
+/// [`super::address`]`(i)`, its randomness seeded from `seed` and `i`),
+/// each knowing every other as a live member, as SWIM would tell it;
+/// nothing held, gossip not running.
+pub fn members(net: &Arc<MemNet>, n: usize, seed: u64) -> Vec<Arc<FleetView>> {
+    let views: Vec<Arc<FleetView>> = (0..n)
+        .map(|i| {
+            let address = super::address(i);
+            let v = Arc::new(FleetView::new(
+                format!("n{i}"),
+                address.clone(),
+                BTreeMap::new(),
+                1,
+                vec![],
+                Arc::new(net.transport(&address)),
+                Arc::new(Env::seeded(
+                    seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                )),
+                Metrics::new().expect("metrics"),
+            ));
+            net.listen(&address, Arc::new(FleetPeer(v.clone())));
+            v
+        })
+        .collect();
+    for a in &views {
+        for b in &views {
+            if a.id != b.id {
                 a.member(
                     &Ident {
                         address: b.address.clone(),
@@ -65,8 +59,30 @@ impl FleetSim {
                     },
                     Liveness::Alive,
                 );
-                a.learn(r.clone(), Via::Relay(&b.id))
-                    .expect("a valid record");
+            }
+        }
+    }
+    views
+}
+
+impl FleetSim {
+    /// `n` views that all know each other as live members, each holding
+    /// version `1` of [`DIR`] and every other's record (a converged,
+    /// idle fleet). Gossip is not running yet ([`FleetSim::start`]).
+    pub fn converged(n: usize, seed: u64) -> FleetSim {
+        let net = MemNet::new();
+        let views = members(&net, n, seed);
+        for v in &views {
+            v.set_dir(DIR, own(version(1, 0), "idle"));
+            v.take_pushes();
+        }
+        let records: Vec<pb::Holdings> = views.iter().map(|v| (*v.own_record()).clone()).collect();
+        for a in &views {
+            for (b, r) in views.iter().zip(&records) {
+                if a.id != b.id {
+                    a.learn(r.clone(), Via::Relay(&b.id))
+                        .expect("a valid record");
+                }
             }
             a.take_pushes();
         }

@@ -13,6 +13,8 @@ pub mod fleet;
 pub mod node;
 
 #[cfg(test)]
+mod swarm_tests;
+#[cfg(test)]
 mod tests;
 
 /// The in-memory address of node `i` (`10.x.y.z:7400`).

@@ -39,6 +39,8 @@ pub struct NodeSpec {
     pub bootstrap: Vec<String>,
     pub dirs: Vec<DirSpec>,
     pub seed: u64,
+    /// Bandwidth caps (`[limits]`), on the simulated clock.
+    pub caps: crate::bandwidth::Caps,
 }
 
 impl NodeSpec {
@@ -67,7 +69,7 @@ impl SimNode {
         incarnation: u64,
     ) -> Result<SimNode, String> {
         let store = open_store(&spec.sandbox.join("index")).await?;
-        let env = Arc::new(Env::seeded(spec.seed.wrapping_add(incarnation << 32)));
+        let env = Arc::new(Env::simulated(spec.seed.wrapping_add(incarnation << 32)));
         let fleet = Arc::new(FleetView::new(
             spec.id.clone(),
             spec.address.clone(),
@@ -78,7 +80,7 @@ impl SimNode {
             env,
             Metrics::new().map_err(|e| e.to_string())?,
         ));
-        let node = Arc::new(LocalNode::new(store, fleet.clone()));
+        let node = Arc::new(LocalNode::new(store, fleet.clone()).with_caps(spec.caps));
         let dirs = Arc::new(Registry::default());
         let mut pending = Vec::new();
         for d in &spec.dirs {
@@ -91,7 +93,10 @@ impl SimNode {
                 d.mode
             ))
             .map_err(|e| e.to_string())?;
-            let state = DirState::from_config(&d.id, &file, fleet.clone())?;
+            let mut state = DirState::from_config(&d.id, &file, fleet.clone())?;
+            // File events come at real times, not simulated ones: the
+            // script rescans instead.
+            state.watch = false;
             let p = dir::create(&node, state);
             dirs.write_locked().insert(d.id.clone(), p.handle.clone());
             dir::prepare(&node, &p).await;
