@@ -37,6 +37,11 @@ use chunk_store::indexer::{self, KnownFile};
 use chunk_store::manifest::{self, ChangeKind, ChunkEntry, Diff, EntryMeta, Mtime, NodeSource};
 use chunk_store::store::Store;
 
+mod flush;
+mod in_flight;
+use flush::{FLUSH_EVERY, Flusher};
+pub use in_flight::InFlight;
+
 /// Temp files are named with the prefix the indexer never publishes and
 /// the diff refuses from peers.
 const TMP_PREFIX: &str = manifest::RESERVED_PREFIX;
@@ -100,53 +105,6 @@ pub trait ChunkSource {
     /// rather than the network.
     fn is_local(&self) -> bool {
         true
-    }
-}
-
-/// Chunks written to files this node is still receiving (or received since
-/// the last index update): the open handle keeps reading the same inode
-/// after the rename, so peers and later files can be served from it before
-/// the index knows the file. Cleared once the directory is indexed again.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    chunks: Mutex<HashMap<Hash, Written>>,
-}
-
-/// Where a chunk was written: the file (by handle), offset and length.
-type Written = (Arc<std::fs::File>, u64, u32);
-
-impl InFlight {
-    fn add(&self, hash: Hash, file: &Arc<std::fs::File>, offset: u64, len: u32) {
-        self.chunks
-            .locked()
-            .entry(hash)
-            .or_insert_with(|| (file.clone(), offset, len));
-    }
-
-    /// Forgets everything (the index now records these files).
-    pub fn clear(&self) {
-        self.chunks.locked().clear();
-    }
-
-    /// The verified bytes of a chunk written here, if any.
-    pub fn read_hash(&self, hash: &Hash) -> io::Result<Option<Vec<u8>>> {
-        use std::os::unix::fs::FileExt;
-        let Some((file, offset, len)) = self.chunks.locked().get(hash).cloned() else {
-            return Ok(None);
-        };
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok((Hash::of(&buf) == *hash).then_some(buf))
-    }
-}
-
-impl ChunkSource for InFlight {
-    fn read_chunk(&self, chunk: &ChunkEntry) -> io::Result<Option<Bytes>> {
-        Ok(self.read_hash(&chunk.hash)?.map(Bytes::from))
-    }
-
-    fn verified(&self) -> bool {
-        true // read_hash checks
     }
 }
 
@@ -602,6 +560,7 @@ fn write_file(
         // index's hint, within MAX_KNOWN_CHUNKS.
         let mut offset = 0;
         let mut known: Option<Vec<ChunkEntry>> = Some(Vec::new());
+        let mut flusher: Option<Flusher> = None;
         for c in chunks {
             // A stop abandons the file (its temp is removed): the old
             // version stays in place, whole.
@@ -612,7 +571,11 @@ fn write_file(
             let bytes = fetch_verified(&c, path, sources, report)?;
             (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;
             in_flight.add(c.hash, &file, offset, c.len);
+            let before = offset;
             offset += u64::from(c.len);
+            if before / FLUSH_EVERY != offset / FLUSH_EVERY {
+                flusher.get_or_insert_with(|| Flusher::start(&file)).kick();
+            }
             if let Some(k) = &mut known {
                 if report.known_chunks + k.len() < MAX_KNOWN_CHUNKS {
                     k.push(c);
@@ -625,6 +588,10 @@ fn write_file(
             .map_err(|e| path_io(path, e))?;
         file.set_times(std::fs::FileTimes::new().set_modified(system_time(mtime)))
             .map_err(|e| path_io(path, e))?;
+        // A flusher's error is this file's (Linux reports it once).
+        if let Some(f) = flusher.take() {
+            f.finish().map_err(|e| path_io(path, e))?;
+        }
         // Data and metadata on disk before the rename makes them visible.
         file.sync_all().map_err(|e| path_io(path, e))?;
         let m = file.metadata().map_err(|e| path_io(path, e))?;

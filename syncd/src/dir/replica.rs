@@ -27,6 +27,8 @@ pub const MAX_SOURCES: usize = 16;
 /// How often a transfer looks for peers that started receiving the same
 /// version since (they become sources as soon as they have chunks).
 const DISCOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// News of peers is looked at no more often than this.
+const DISCOVER_GAP: std::time::Duration = std::time::Duration::from_millis(50);
 /// Remote manifest nodes kept during one pull (diff and apply), so pages a
 /// tree references many times are fetched once.
 const NODE_CACHE_BYTES: usize = 64 << 20;
@@ -454,7 +456,16 @@ async fn discover(
                 .map(|(id, full, bytes)| Source { id, full, bytes })
                 .collect();
         }
-        tokio::time::sleep(DISCOVER_EVERY).await;
+        // Woken by news (a peer starts receiving the version, or comes to
+        // hold it), so receivers start feeding each other within a round
+        // trip rather than a second; bursts of news coalesce.
+        let learned = fleet.learned.notified();
+        tokio::pin!(learned);
+        learned.as_mut().enable();
+        tokio::select! {
+            _ = learned => tokio::time::sleep(DISCOVER_GAP).await,
+            _ = tokio::time::sleep(DISCOVER_EVERY) => {}
+        }
         let Some(f) = fetcher.upgrade() else { return };
         let known: HashSet<String> = f.peer_names().into_iter().collect();
         let room = MAX_SOURCES.saturating_sub(known.len());

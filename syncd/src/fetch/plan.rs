@@ -6,10 +6,11 @@
 //!   anything) or *tracked*: a receiver of the same version whose have-set
 //!   arrives as deltas (`announce`); it is asked only for what it said it
 //!   holds.
-//! - **Rarest first.** Among the chunks a peer can give, inside the
-//!   read-ahead window, those the fewest tracked peers hold go first; ties
-//!   are broken at random (seeded), so receivers fetch different chunks
-//!   and have something to trade.
+//! - **Front stripe, then rarest first.** Among the chunks a peer can
+//!   give, inside the read-ahead window, those in the window's front
+//!   quarter go first; within it, those the fewest tracked peers hold;
+//!   ties are broken at random (seeded), so receivers fetch different
+//!   chunks and have something to trade.
 //! - **Origin protection.** A full holder is asked only for chunks no
 //!   tracked peer holds. When it leaves one out (it served that chunk to
 //!   another receiver a moment ago and expects it to spread), the chunk
@@ -33,6 +34,14 @@ use rand::{RngExt as _, SeedableRng as _};
 use tokio::time::Instant;
 
 pub type PeerId = usize;
+
+/// The read-ahead window is taken in this many stripes, front first: the
+/// swarm fills the part the materializer reaches next before the rest, so
+/// the window keeps moving and the origin always has new chunks to send.
+/// (Rarest first over the whole window had the origin send the window's
+/// 64 MiB in random order; its front then completed last, the window
+/// stood still, and the origin idled for a second at 25 MB/s.)
+const STRIPES: u64 = 4;
 
 /// Tuning of a transfer's plan.
 #[derive(Clone, Copy, Debug)]
@@ -140,9 +149,9 @@ pub struct Plan {
     first: usize,
     /// Bytes not yet arrived.
     remaining: u64,
-    /// The chunk the materializer waits for now: a full holder is asked
-    /// for it insisting at once (time need not pass, which matters where
-    /// the clock is paused while the materializer blocks).
+    /// The chunk the materializer waits for now: a full holder that left
+    /// it out is asked for it again, insisting, after a quarter of
+    /// `insist_after`.
     waiting: Option<usize>,
     rng: StdRng,
 }
@@ -273,8 +282,11 @@ impl Plan {
         let full = matches!(p.have, Have::All);
         let window_end = self.consumed.saturating_add(cfg.ahead_bytes);
         let endgame = self.remaining <= cfg.endgame_bytes;
-        // (rank key, index): open before asked, rarest first, random ties.
-        let mut candidates: Vec<(u32, u32, u64, usize)> = Vec::new();
+        // (rank key, index): open before asked, the window's front stripe
+        // first, rarest first within it, random ties.
+        let mut candidates: Vec<(u32, u64, u32, u64, usize)> = Vec::new();
+        let stripe_bytes = (cfg.ahead_bytes / STRIPES).max(1);
+        let stripe = |start: u64| start.saturating_sub(self.consumed) / stripe_bytes;
         let mut open_bytes = 0u64;
         for i in self.first..self.wants.len() {
             let w = &self.wants[i];
@@ -292,15 +304,33 @@ impl Plan {
             }
             match &w.state {
                 State::Open => {
+                    // The chunk the materializer waits for is asked again
+                    // sooner, not at once: the receiver the full holder
+                    // sent it to announces it within a round trip or two.
                     let insisting = w.declined.is_some_and(|t| {
-                        now.duration_since(t) >= cfg.insist_after || self.waiting == Some(i)
+                        let after = if self.waiting == Some(i) {
+                            cfg.insist_after / 4
+                        } else {
+                            cfg.insist_after
+                        };
+                        now.duration_since(t) >= after
                     });
                     if full && w.declined.is_some() && !insisting {
                         continue;
                     }
-                    // A full holder is spared what a receiver can give.
-                    let spared = full && w.holders > 0 && !endgame;
-                    candidates.push((u32::from(spared), w.holders, self.rng.random(), i));
+                    // A full holder is spared what a receiver can give, in
+                    // the endgame too (every receiver's last chunks would
+                    // otherwise be asked of the origin: a fifth of a copy
+                    // more at N = 8); a slow receiver's call is doubled
+                    // there instead.
+                    let spared = full && w.holders > 0;
+                    candidates.push((
+                        u32::from(spared),
+                        stripe(w.start),
+                        w.holders,
+                        self.rng.random(),
+                        i,
+                    ));
                 }
                 State::Asked(by, since)
                     if endgame
@@ -308,7 +338,7 @@ impl Plan {
                         && !by.contains(&peer)
                         && now.duration_since(*since) >= cfg.endgame_after =>
                 {
-                    candidates.push((2, w.holders, self.rng.random(), i));
+                    candidates.push((2, stripe(w.start), w.holders, self.rng.random(), i));
                 }
                 _ => {}
             }
@@ -334,7 +364,7 @@ impl Plan {
             insist: false,
         };
         let mut bytes = 0u64;
-        for &(class, _, _, i) in &candidates {
+        for &(class, _, _, _, i) in &candidates {
             let reserved = || better.iter().any(|q| !self.wants[i].tried.contains(q));
             if class == 1 || (class == 0 && !may_start && reserved()) {
                 // A receiver has it and will serve it; or a nearer peer
