@@ -10,9 +10,10 @@
 //!   the node's; the burst is one call's worth, so over any stretch of
 //!   seconds the rate stays within a few per cent of the cap.
 //! - **Priorities** (`priority = "high" | "normal" | "low"`): while a
-//!   transfer of a higher class runs on this node, a lower one keeps one
-//!   call in flight (a trickle: it never stalls outright, its sources stay
-//!   warm) and leaves the rest of the link to the higher one. A node that
+//!   transfer of a higher class runs on this node, a lower one trickles:
+//!   one call at a time, at most [`TRICKLE`] bytes a second (it never
+//!   stalls outright, its sources stay warm), and leaves the rest of the
+//!   link to the higher one. A node that
 //!   serves a higher class holds a lower class's batches back a little
 //!   while the higher one is being served. Changes apply to calls not yet
 //!   started, so `syncctl priority` and `pause` take effect mid-transfer.
@@ -217,6 +218,10 @@ impl DirBandwidth {
     }
 }
 
+/// What a transfer giving way to a higher class may still download, in
+/// bytes per second (shared by every such transfer of the node).
+pub const TRICKLE: u64 = 256 << 10;
+
 /// Seconds a lower class's served batch is held back, at most, while a
 /// higher class is being served.
 const UPLOAD_YIELD: Duration = Duration::from_millis(500);
@@ -242,6 +247,8 @@ pub struct Bandwidth {
     /// Time spent waiting for caps since last taken, upload and download
     /// (for metrics).
     waited: Mutex<[Duration; 2]>,
+    /// What transfers giving way to a higher class share.
+    trickle: Rate,
 }
 
 impl Default for Bandwidth {
@@ -261,6 +268,7 @@ impl Bandwidth {
             served_at: Mutex::new([None; 3]),
             changed: Notify::new(),
             waited: Mutex::new([Duration::ZERO; 2]),
+            trickle: Rate::new(TRICKLE),
         }
     }
 
@@ -372,7 +380,9 @@ impl Drop for TransferGate {
 /// Held for the length of one call that was let through the gate.
 #[derive(Debug)]
 pub struct Admitted {
+    /// Held by a transfer giving way (its one call in flight).
     _permit: Option<OwnedSemaphorePermit>,
+    trickle: bool,
 }
 
 impl TransferGate {
@@ -396,10 +406,16 @@ impl TransferGate {
             changed.as_mut().enable();
             if !self.paused() {
                 if !self.yielding() {
-                    return Admitted { _permit: None };
+                    return Admitted {
+                        _permit: None,
+                        trickle: false,
+                    };
                 }
                 if let Ok(p) = self.trickle.clone().try_acquire_owned() {
-                    return Admitted { _permit: Some(p) };
+                    return Admitted {
+                        _permit: Some(p),
+                        trickle: true,
+                    };
                 }
             }
             tokio::select! {
@@ -410,9 +426,13 @@ impl TransferGate {
         }
     }
 
-    /// Pays the download caps for a call of `bytes`.
-    pub async fn download(&self, bytes: u64) {
+    /// Pays the download caps for a call of `bytes` let through as
+    /// `admitted` (a trickling call pays the trickle too).
+    pub async fn download(&self, bytes: u64, admitted: &Admitted) {
         let mut waited = Duration::ZERO;
+        if admitted.trickle {
+            waited += self.node.trickle.take(bytes).await;
+        }
         if let Some(r) = &self.dir.download {
             waited += r.take(bytes).await;
         }

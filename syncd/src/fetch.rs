@@ -293,9 +293,16 @@ impl Fetcher {
         }
     }
 
-    /// Adds a peer: a full holder of the version (`full`), or a receiver
-    /// of it whose have-set is followed. Peers rank in the order added.
+    /// Adds a peer in the same rack: a full holder of the version
+    /// (`full`), or a receiver of it whose have-set is followed. Peers rank
+    /// in the order added.
     pub fn add_peer(&self, peer: Arc<dyn ChunkPeer>, full: bool) {
+        self.add_peer_at(peer, full, 0);
+    }
+
+    /// Adds a peer at topology `tier` (0 the same rack, 1 zone, 2 region,
+    /// 3 elsewhere): what a nearer peer can give is not asked of it.
+    pub fn add_peer_at(&self, peer: Arc<dyn ChunkPeer>, full: bool, tier: u8) {
         let id = {
             let mut st = self.lock();
             st.peers.push(PeerCounts {
@@ -303,7 +310,7 @@ impl Fetcher {
                 full,
                 ..PeerCounts::default()
             });
-            st.plan.add_peer(full)
+            st.plan.add_peer_at(full, tier)
         };
         let mut tasks = self.tasks.locked();
         if !full {
@@ -410,13 +417,12 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, se
             // insisting ask, a slow call for a second one in the endgame.
             let _ = tokio::time::timeout(RECHECK, room).await;
         };
-        let Some((batch, _admitted)) = batch else {
+        let Some((batch, admitted)) = batch else {
             break;
         };
-        if let Some(h) = &shared.hold {
-            h.gate
-                .download(batch.chunks.iter().map(|c| u64::from(c.len)).sum())
-                .await;
+        if let (Some(h), Some(a)) = (&shared.hold, &admitted) {
+            let bytes = batch.chunks.iter().map(|c| u64::from(c.len)).sum();
+            h.gate.download(bytes, a).await;
         }
         let result = source.fetch(batch.chunks.clone(), batch.insist).await;
         match result {

@@ -323,7 +323,7 @@ fn transfer(
         })
     };
     for (p, h) in peers.iter().zip(holders) {
-        fetcher.add_peer(source(p), !h.partial);
+        fetcher.add_peer_at(source(p), !h.partial, h.class as u8);
     }
     let discovery = Discovery(rt.spawn(discover(
         Arc::downgrade(&fetcher),
@@ -477,7 +477,7 @@ async fn discover(
         {
             tracing::debug!(dir = %dir, peer = %h.id, partial = h.partial, "a peer joins this transfer");
             let peer = RemotePeer::new(h.id.clone(), h.address.clone(), fleet.clone(), rt.clone());
-            f.add_peer(
+            f.add_peer_at(
                 Arc::new(PeerChunks {
                     peer,
                     dir: dir.clone(),
@@ -485,6 +485,7 @@ async fn discover(
                     requester: me.clone(),
                 }),
                 !h.partial,
+                h.class as u8,
             );
         }
     }

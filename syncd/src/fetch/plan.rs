@@ -42,6 +42,8 @@ pub type PeerId = usize;
 /// 64 MiB in random order; its front then completed last, the window
 /// stood still, and the origin idled for a second at 25 MB/s.)
 const STRIPES: u64 = 4;
+/// Topology tiers: the same rack, zone, region, elsewhere.
+const TIERS: usize = 4;
 
 /// Tuning of a transfer's plan.
 #[derive(Clone, Copy, Debug)]
@@ -80,8 +82,8 @@ struct Want {
     /// Byte offset in the materializer's order.
     start: u64,
     state: State,
-    /// Tracked peers that announced it.
-    holders: u32,
+    /// Tracked peers that announced it, by tier (nearest first).
+    by_tier: [u32; TIERS],
     /// Peers that were asked and did not have it.
     tried: Vec<PeerId>,
     /// When a full holder last left it out.
@@ -89,6 +91,16 @@ struct Want {
 }
 
 impl Want {
+    /// Tracked peers that announced it.
+    fn holders(&self) -> u32 {
+        self.by_tier.iter().sum()
+    }
+
+    /// The tier of the nearest tracked peer that announced it.
+    fn nearest(&self) -> Option<u8> {
+        self.by_tier.iter().position(|&n| n > 0).map(|t| t as u8)
+    }
+
     /// `peer` no longer has an outstanding ask for this chunk; with nobody
     /// left asking, the chunk is open again.
     fn unask(&mut self, peer: PeerId) {
@@ -112,6 +124,8 @@ enum Have {
 #[derive(Debug)]
 struct Peer {
     have: Have,
+    /// How far it is: 0 the same rack, then zone, region, elsewhere.
+    tier: u8,
     asked: usize,
     dead: bool,
     errors: u32,
@@ -190,7 +204,7 @@ impl Plan {
             entry,
             start,
             state: State::Open,
-            holders: 0,
+            by_tier: [0; TIERS],
             tried: Vec::new(),
             declined: None,
         });
@@ -198,14 +212,22 @@ impl Plan {
     }
 
     /// A peer that holds the whole version (`full`) or announces what it
-    /// holds. Peers are ranked in the order they are added.
+    /// holds, in the same rack. Peers are ranked in the order they are
+    /// added.
     pub fn add_peer(&mut self, full: bool) -> PeerId {
+        self.add_peer_at(full, 0)
+    }
+
+    /// A peer at `tier` (0 the same rack, 1 zone, 2 region, 3 elsewhere;
+    /// larger values count as 3).
+    pub fn add_peer_at(&mut self, full: bool, tier: u8) -> PeerId {
         self.peers.push(Peer {
             have: if full {
                 Have::All
             } else {
                 Have::Tracked(HashSet::new())
             },
+            tier: tier.min(TIERS as u8 - 1),
             asked: 0,
             dead: false,
             errors: 0,
@@ -217,6 +239,7 @@ impl Plan {
     /// ignored (a peer cannot make us keep anything we did not plan).
     /// Returns whether any was new.
     pub fn announce(&mut self, peer: PeerId, hashes: &[Hash]) -> bool {
+        let tier = usize::from(self.peers[peer].tier);
         let Have::Tracked(set) = &mut self.peers[peer].have else {
             return false;
         };
@@ -225,7 +248,7 @@ impl Plan {
             if let Some(&i) = self.index.get(h)
                 && set.insert(i)
             {
-                self.wants[i].holders += 1;
+                self.wants[i].by_tier[tier] += 1;
                 new = true;
             }
         }
@@ -234,9 +257,10 @@ impl Plan {
 
     /// A tracked peer now holds the whole version.
     pub fn complete(&mut self, peer: PeerId) {
+        let tier = usize::from(self.peers[peer].tier);
         if let Have::Tracked(set) = std::mem::replace(&mut self.peers[peer].have, Have::All) {
             for i in set {
-                self.wants[i].holders -= 1;
+                self.wants[i].by_tier[tier] -= 1;
             }
         }
     }
@@ -248,9 +272,10 @@ impl Plan {
             return;
         }
         p.dead = true;
+        let tier = usize::from(p.tier);
         if let Have::Tracked(set) = std::mem::replace(&mut p.have, Have::Tracked(HashSet::new())) {
             for i in set {
-                self.wants[i].holders -= 1;
+                self.wants[i].by_tier[tier] -= 1;
             }
         }
         for w in &mut self.wants[self.first..] {
@@ -280,6 +305,15 @@ impl Plan {
             return Take::Wait;
         }
         let full = matches!(p.have, Have::All);
+        let tier = p.tier;
+        // The nearest live full holder: a receiver is not asked for what
+        // a nearer full holder can give.
+        let nearest_full = self
+            .peers
+            .iter()
+            .filter(|q| !q.dead && matches!(q.have, Have::All))
+            .map(|q| q.tier)
+            .min();
         let window_end = self.consumed.saturating_add(cfg.ahead_bytes);
         let endgame = self.remaining <= cfg.endgame_bytes;
         // (rank key, index): open before asked, the window's front stripe
@@ -318,16 +352,25 @@ impl Plan {
                     if full && w.declined.is_some() && !insisting {
                         continue;
                     }
-                    // A full holder is spared what a receiver can give, in
-                    // the endgame too (every receiver's last chunks would
-                    // otherwise be asked of the origin: a fifth of a copy
-                    // more at N = 8); a slow receiver's call is doubled
-                    // there instead.
-                    let spared = full && w.holders > 0;
+                    // A full holder is spared what a receiver as near can
+                    // give, in the endgame too (every receiver's last chunks
+                    // would otherwise be asked of the origin: a fifth of a
+                    // copy more at N = 8; a slow receiver's call is doubled
+                    // there instead). A receiver is spared what a nearer
+                    // peer can give: a chunk crosses a rack boundary about
+                    // once, then spreads inside the rack.
+                    let spared = match w.nearest() {
+                        Some(t) if full => t <= tier,
+                        near => {
+                            !full
+                                && (near.is_some_and(|t| t < tier)
+                                    || nearest_full.is_some_and(|t| t < tier))
+                        }
+                    };
                     candidates.push((
                         u32::from(spared),
                         stripe(w.start),
-                        w.holders,
+                        w.holders(),
                         self.rng.random(),
                         i,
                     ));
@@ -338,7 +381,7 @@ impl Plan {
                         && !by.contains(&peer)
                         && now.duration_since(*since) >= cfg.endgame_after =>
                 {
-                    candidates.push((2, stripe(w.start), w.holders, self.rng.random(), i));
+                    candidates.push((2, stripe(w.start), w.holders(), self.rng.random(), i));
                 }
                 _ => {}
             }
@@ -429,10 +472,11 @@ impl Plan {
                 w.declined = Some(now);
             } else {
                 w.tried.push(peer);
+                let tier = usize::from(self.peers[peer].tier);
                 if let Have::Tracked(set) = &mut self.peers[peer].have
                     && set.remove(&i)
                 {
-                    w.holders -= 1;
+                    w.by_tier[tier] -= 1;
                 }
             }
         }

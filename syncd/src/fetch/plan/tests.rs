@@ -218,8 +218,9 @@ proptest! {
             let cfg = PlanConfig { endgame_bytes: 4 * u64::from(K), ahead_bytes: 16 * u64::from(K), ..cfg() };
             let mut plan = Plan::new(&c, cfg, seed);
             let full = [true, false, false, true];
-            for f in full {
-                plan.add_peer(f);
+            // Peers in random racks: topology must not break the bounds.
+            for (p, f) in full.into_iter().enumerate() {
+                plan.add_peer_at(f, (seed >> (2 * p)) as u8 & 3);
             }
             let mut announced: Vec<HashSet<Hash>> = vec![HashSet::new(); 4];
             let mut completed = [false; 4];
@@ -310,4 +311,43 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// Two racks: a receiver asks a peer in the other rack only for what no
+/// peer in its own rack has, and a far full holder only for what no
+/// receiver as near has; in its own rack it takes anything.
+#[tokio::test(start_paused = true)]
+async fn a_chunk_crosses_to_another_rack_about_once() {
+    let c = chunks(8);
+    let mut plan = Plan::new(
+        &c,
+        PlanConfig {
+            batch_bytes: 8 * u64::from(K),
+            ..cfg()
+        },
+        3,
+    );
+    let origin = plan.add_peer_at(true, 1);
+    let far = plan.add_peer_at(false, 1);
+    let near = plan.add_peer_at(false, 0);
+    let all: Vec<Hash> = c.iter().map(|c| c.hash).collect();
+    // The far receiver has everything, the near one the first half.
+    plan.announce(far, &all);
+    plan.announce(near, &all[..4]);
+    let now = Instant::now();
+    let mut from_far = hashes(&fetch(plan.take(far, now)));
+    from_far.sort();
+    let mut second_half = all[4..].to_vec();
+    second_half.sort();
+    assert_eq!(
+        from_far, second_half,
+        "the far receiver gives what the rack lacks"
+    );
+    let mut from_near = hashes(&fetch(plan.take(near, now)));
+    from_near.sort();
+    let mut first_half = all[..4].to_vec();
+    first_half.sort();
+    assert_eq!(from_near, first_half);
+    // Everything is asked of someone; the far full holder is spared.
+    assert_eq!(plan.take(origin, now), Take::Wait);
 }
