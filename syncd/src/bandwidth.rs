@@ -321,6 +321,7 @@ impl Bandwidth {
             dir: dir.clone(),
             id,
             trickle: Arc::new(Semaphore::new(1)),
+            slot: tokio::sync::Mutex::new(Slot::default()),
         }
     }
 
@@ -365,15 +366,20 @@ pub struct TransferGate {
     id: u64,
     /// While a higher class runs, one call of this transfer at a time.
     trickle: Arc<Semaphore>,
+    /// The node's transfer slot it holds, given up while paused.
+    slot: tokio::sync::Mutex<Slot>,
+}
+
+/// A transfer slot (see [`TransferGate::hold_slot`]).
+#[derive(Debug, Default)]
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl Drop for TransferGate {
     fn drop(&mut self) {
-        self.node
-            .transfers
-            .locked()
-            .retain(|(id, _)| *id != self.id);
-        self.node.changed.notify_waiters();
+        self.finish();
     }
 }
 
@@ -386,8 +392,30 @@ pub struct Admitted {
 }
 
 impl TransferGate {
+    /// The transfer has nothing more to download (it may still be writing
+    /// or indexing): lower classes need not give way to it any more.
+    pub fn finish(&self) {
+        self.node
+            .transfers
+            .locked()
+            .retain(|(id, _)| *id != self.id);
+        self.node.changed.notify_waiters();
+    }
+
     pub fn paused(&self) -> bool {
         self.dir.control().paused
+    }
+
+    /// Hands the gate the node's transfer slot `permit` (of `slots`): it
+    /// is given up while the transfer is paused, so paused transfers do
+    /// not keep other directories waiting, and taken again on resume.
+    pub fn hold_slot(&self, permit: OwnedSemaphorePermit, slots: Arc<Semaphore>) {
+        if let Ok(mut s) = self.slot.try_lock() {
+            *s = Slot {
+                permit: Some(permit),
+                slots: Some(slots),
+            };
+        }
     }
 
     /// Whether a transfer of a higher class is running (this one trickles).
@@ -404,7 +432,19 @@ impl TransferGate {
             let changed = self.node.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.paused() {
+            if self.paused() {
+                if let Ok(mut s) = self.slot.try_lock() {
+                    s.permit = None;
+                }
+            } else {
+                let mut s = self.slot.lock().await;
+                if s.permit.is_none()
+                    && let Some(slots) = s.slots.clone()
+                {
+                    // Back from a pause: wait for a slot like any transfer.
+                    s.permit = slots.acquire_owned().await.ok();
+                }
+                drop(s);
                 if !self.yielding() {
                     return Admitted {
                         _permit: None,
@@ -570,5 +610,38 @@ mod tests {
         let t = tokio::time::Instant::now();
         bw.upload("bulk", 1 << 20).await;
         assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+    /// A paused transfer gives its node transfer slot up (another
+    /// directory may transfer meanwhile) and takes one again on resume.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_transfer_gives_up_its_slot() {
+        let bw = node();
+        let d = dir(&bw, "bulk", Priority::Normal);
+        let slots = Arc::new(Semaphore::new(1));
+        let g = bw.transfer(&d);
+        g.hold_slot(slots.clone().acquire_owned().await.unwrap(), slots.clone());
+        assert_eq!(slots.available_permits(), 0);
+        d.set_paused(true);
+        let g = Arc::new(g);
+        let waiting = tokio::spawn({
+            let g = g.clone();
+            async move {
+                let _ = g.ready().await;
+            }
+        });
+        let other = tokio::time::timeout(Duration::from_secs(5), slots.clone().acquire_owned())
+            .await
+            .expect("the paused transfer kept its slot")
+            .unwrap();
+        // Resumed while the other holds the slot: it waits for it.
+        d.set_paused(false);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished());
+        drop(other);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("resumed with the slot back")
+            .unwrap();
+        assert_eq!(slots.available_permits(), 0);
     }
 }

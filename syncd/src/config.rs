@@ -76,15 +76,17 @@ impl LimitsSection {
         }
     }
 
-    /// A cap below 1 KiB/s is a mistake (0 would stop all traffic).
+    /// A cap below [`MIN_CAP`] is a mistake: a call asks for up to 1 MiB
+    /// and pays for it before it is sent, so a trickle of a few KiB/s
+    /// would make every transfer stall (0 would stop all traffic).
     fn check(&self, file: &Path, text: &str) -> Result<(), ConfigError> {
         for (key, v) in [("upload", self.upload), ("download", self.download)] {
-            if v.is_some_and(|s| s.0 < 1024) {
+            if v.is_some_and(|s| s.0 < MIN_CAP) {
                 return Err(ConfigError::Invalid {
                     path: file.to_path_buf(),
                     line: limits_line(text, key),
                     message: format!(
-                        "limits {key} must be at least 1KiB (bytes per second); leave it out for no cap"
+                        "limits {key} must be at least 256KiB (bytes per second); leave it out for no cap"
                     ),
                 });
             }
@@ -92,6 +94,9 @@ impl LimitsSection {
         Ok(())
     }
 }
+
+/// The smallest bandwidth cap, bytes per second.
+pub const MIN_CAP: u64 = 256 << 10;
 
 /// The line of `key` inside the `[limits]` table.
 fn limits_line(text: &str, key: &str) -> usize {

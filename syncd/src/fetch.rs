@@ -88,9 +88,10 @@ const BUSY_PAUSE: Duration = Duration::from_millis(500);
 /// A worker with nothing to do looks again this often (besides being
 /// woken by every change).
 const RECHECK: Duration = Duration::from_millis(250);
-/// A materializer waiting on a paused transfer looks whether its directory
-/// is stopping this often.
-const PAUSED_RECHECK: Duration = Duration::from_secs(1);
+/// The materializer waits for a chunk in slices of this (counting the
+/// slices without progress towards `stall`), so it sees a pause, a resume
+/// or a stop within one.
+const SLICE: Duration = Duration::from_secs(1);
 /// A receiver's have-set that fails this many polls in a row is dropped.
 const MAX_HAVE_ERRORS: u32 = 3;
 
@@ -433,6 +434,8 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, se
                 tracing::debug!(peer = source.name(), error = %e, "peer busy; asking again shortly");
                 shared.state.locked().plan.busy(peer, &batch);
                 shared.changed();
+                // A trickling transfer's one call slot is free meanwhile.
+                drop(admitted);
                 tokio::time::sleep(BUSY_PAUSE.mul_f64(rng.random_range(0.5..1.5))).await;
                 continue;
             }
@@ -513,6 +516,10 @@ async fn follow(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>) {
             Ok(d) => {
                 errors = 0;
                 let mut st = shared.state.locked();
+                if st.plan.is_dead(peer) {
+                    // Dropped (its calls failed): its have-set is moot.
+                    return;
+                }
                 let new = st.plan.announce(peer, &d.hashes);
                 if d.complete {
                     st.plan.complete(peer);
@@ -549,6 +556,7 @@ impl ChunkSource for Fetcher {
         let i = st.plan.reading(chunk);
         self.shared.room.notify_waiters();
         let mut since: Option<std::time::Instant> = None;
+        let mut idle = Duration::ZERO;
         loop {
             if let Some(b) = st.ready.remove(&chunk.hash) {
                 st.plan.consumed(i);
@@ -567,32 +575,29 @@ impl ChunkSource for Fetcher {
             // Subscribed under the lock: a change after the check wakes it.
             let mut arrived = self.shared.arrived.subscribe();
             drop(st);
-            let paused = || self.shared.hold.as_ref().is_some_and(|h| h.gate.paused());
-            // Paused, no progress is expected: look at the stop flag often.
-            let wait = if paused() {
-                PAUSED_RECHECK
-            } else {
-                self.shared.cfg.stall
-            };
+            let hold = self.shared.hold.as_ref();
+            let paused = || hold.is_some_and(|h| h.gate.paused());
+            let was_paused = paused();
+            if was_paused && hold.is_some_and(|h| h.stopping.load(Ordering::Relaxed)) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the directory is stopping while its transfer is paused",
+                ));
+            }
+            // In slices: pause, resume and stop are seen within one.
+            let slice = SLICE.min(self.shared.cfg.stall);
             let progressed = crate::env::wait(&self.rt, async move {
-                tokio::time::timeout(wait, arrived.changed()).await.is_ok()
+                tokio::time::timeout(slice, arrived.changed()).await.is_ok()
             });
             st = self.lock();
-            if !progressed && paused() {
-                if self
-                    .shared
-                    .hold
-                    .as_ref()
-                    .is_some_and(|h| h.stopping.load(Ordering::Relaxed))
-                {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::Interrupted,
-                        "the directory is stopping while its transfer is paused",
-                    ));
-                }
+            if progressed || was_paused || paused() {
+                // A paused transfer is not stalled; its stall clock starts
+                // again when it resumes.
+                idle = Duration::ZERO;
                 continue;
             }
-            if !progressed && !st.ready.contains_key(&chunk.hash) {
+            idle += slice;
+            if idle >= self.shared.cfg.stall && !st.ready.contains_key(&chunk.hash) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(

@@ -148,15 +148,18 @@ impl LocalNode {
     }
 
     /// A chunk written by one of this node's transfers, if any has it.
-    pub fn in_flight_chunk(&self, hash: &Hash) -> Option<Vec<u8>> {
+    /// (From memory without a copy: serving receivers is most of what a
+    /// receiver's CPU does.)
+    pub fn in_flight_chunk(&self, hash: &Hash) -> Option<bytes::Bytes> {
         let logs: Vec<Arc<HaveLog>> = self.haves.locked().values().cloned().collect();
         if let Some(b) = logs.iter().find_map(|l| l.chunk(hash)) {
-            return Some(b.to_vec());
+            return Some(b);
         }
         let transfers: Vec<Arc<InFlight>> = self.in_flight.locked().values().cloned().collect();
         transfers
             .iter()
             .find_map(|t| t.read_hash(hash).ok().flatten())
+            .map(bytes::Bytes::from)
     }
 
     /// A directory is carried (peers may fetch its chunks) from now on.

@@ -377,12 +377,19 @@ impl PeerHandler for PeerService {
                     break;
                 };
                 next = upto;
-                sent += bytes;
-                chunks += count;
-                // Upload caps, and a lower class giving way to a higher.
-                node.bandwidth.upload(&dir, bytes).await;
+                // Upload caps, and a lower class giving way to a higher;
+                // a caller gone meanwhile is not paid for.
+                tokio::select! {
+                    _ = node.bandwidth.upload(&dir, bytes) => {}
+                    _ = tx.closed() => break,
+                }
                 match tokio::time::timeout(STREAM_STALL, tx.send(Ok(batch))).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        // Counted once handed to the stream, not before (a
+                        // batch its caller never took is not traffic).
+                        sent += bytes;
+                        chunks += count;
+                    }
                     Ok(Err(_)) => break, // the caller went away
                     Err(_) => {
                         tracing::debug!(requester = %requester, "closing a GetChunks stream nobody reads");
@@ -444,14 +451,14 @@ fn read_batch(
         }
         // Indexed files first, then files still being received.
         let data = match local.read_hash(h) {
-            Ok(Some(d)) => d,
+            Ok(Some(d)) => Bytes::from(d),
             _ => node.in_flight_chunk(h).unwrap_or_default(),
         };
         size += data.len();
         count += u64::from(!data.is_empty());
         batch.chunks.push(pb::Chunk {
             hash: h.as_bytes().to_vec(),
-            data: Bytes::from(data),
+            data,
             declined: false,
         });
     }

@@ -116,7 +116,7 @@ fn receivers_feed_each_other_and_spare_the_origin() {
     // its one-call burst).
     let floor = (up[0].saturating_sub(4 * MIB)) as f64 / 4e6;
     assert!(
-        took.as_secs_f64() >= floor * 0.95,
+        took.as_secs_f64() >= floor * 0.9,
         "the origin sent {} bytes in {took:?}: over its 4 MB/s cap",
         up[0]
     );

@@ -304,7 +304,7 @@ fn limits_and_priorities() {
     let zero = format!("{NODE}[limits]\nupload = \"0\"\n");
     let e = Files::new(&zero).err();
     assert!(
-        e.contains("syncd.toml:14: limits upload must be at least 1KiB"),
+        e.contains("syncd.toml:14: limits upload must be at least 256KiB"),
         "{e}"
     );
     let e = Files::new(NODE)

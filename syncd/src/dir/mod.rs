@@ -506,9 +506,8 @@ impl Actor {
             .node
             .env
             .blocking(move || {
-                let _permit = permit;
                 let mut involved = HashSet::new();
-                let r = replica::pull(&n, &d, &v, &holders, &rt, &mut involved);
+                let r = replica::pull(&n, &d, &v, &holders, &rt, permit, &mut involved);
                 (r, involved)
             })
             .await;

@@ -77,6 +77,7 @@ pub(super) fn pull(
     version: &pb::DirVersion,
     holders: &[Holder],
     rt: &tokio::runtime::Handle,
+    slot: tokio::sync::OwnedSemaphorePermit,
     involved: &mut HashSet<String>,
 ) -> Result<(), SyncError> {
     dir.set_phase(Phase::Syncing);
@@ -93,7 +94,7 @@ pub(super) fn pull(
     }
     let cleanup = Cleanup(node, dir);
     let mut list = Vec::new();
-    let result = transfer(node, dir, version, holders, rt, started, &mut list);
+    let result = transfer(node, dir, version, holders, rt, slot, started, &mut list);
     if result.is_ok() {
         // Held before the transfer's have-log goes: a receiver following
         // it then sees "complete", never "gone".
@@ -177,12 +178,14 @@ fn check_changes(dir: &DirState, diff: &manifest::Diff, peer: &str) -> Result<()
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn transfer(
     node: &LocalNode,
     dir: &DirState,
     version: &pb::DirVersion,
     holders: &[Holder],
     rt: &tokio::runtime::Handle,
+    slot: tokio::sync::OwnedSemaphorePermit,
     started: std::time::Instant,
     involved: &mut Vec<String>,
 ) -> Result<(), SyncError> {
@@ -303,6 +306,8 @@ fn transfer(
         seed: node.env.seed(),
         ..FetchConfig::default()
     };
+    let gate = Arc::new(node.bandwidth.transfer(&dir.bandwidth));
+    gate.hold_slot(slot, node.transfer_slots.clone());
     let fetcher = Arc::new(Fetcher::new(
         rt,
         &diff.missing_chunks,
@@ -310,7 +315,7 @@ fn transfer(
         p.received.clone(),
         Some(announce),
         Some(Hold {
-            gate: Arc::new(node.bandwidth.transfer(&dir.bandwidth)),
+            gate: gate.clone(),
             stopping: dir.stopping.clone(),
         }),
     ));
@@ -348,6 +353,9 @@ fn transfer(
         },
     );
     drop(discovery);
+    // Downloads are over (the rescan below can take a while): lower
+    // priorities need not give way any more.
+    gate.finish();
     involved.extend(fetcher.failed_peers());
     // Account what arrived, whether or not the apply completed.
     for ((id, bytes), chunks) in fetcher

@@ -171,9 +171,10 @@ async fn a_slow_pull_holds_up_neither_other_directories_nor_collection() {
     }];
     let rt = tokio::runtime::Handle::current();
     let (n, d) = (node.clone(), a.clone());
+    let slot = node.transfer_slots.clone().acquire_owned().await.unwrap();
     let pulling = tokio::task::spawn_blocking(move || {
         let mut involved = std::collections::HashSet::new();
-        replica::pull(&n, &d, &version, &holders, &rt, &mut involved)
+        replica::pull(&n, &d, &version, &holders, &rt, slot, &mut involved)
     });
     // The pull has started (its first manifest node takes 3 s).
     let mut watch = a.watch();

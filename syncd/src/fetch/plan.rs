@@ -239,6 +239,11 @@ impl Plan {
     /// ignored (a peer cannot make us keep anything we did not plan).
     /// Returns whether any was new.
     pub fn announce(&mut self, peer: PeerId, hashes: &[Hash]) -> bool {
+        // A dropped peer's have-set no longer counts (its follower may
+        // still be reading it): it is never asked, so it must spare nobody.
+        if self.peers[peer].dead {
+            return false;
+        }
         let tier = usize::from(self.peers[peer].tier);
         let Have::Tracked(set) = &mut self.peers[peer].have else {
             return false;
@@ -257,6 +262,9 @@ impl Plan {
 
     /// A tracked peer now holds the whole version.
     pub fn complete(&mut self, peer: PeerId) {
+        if self.peers[peer].dead {
+            return;
+        }
         let tier = usize::from(self.peers[peer].tier);
         if let Have::Tracked(set) = std::mem::replace(&mut self.peers[peer].have, Have::All) {
             for i in set {
@@ -306,14 +314,6 @@ impl Plan {
         }
         let full = matches!(p.have, Have::All);
         let tier = p.tier;
-        // The nearest live full holder: a receiver is not asked for what
-        // a nearer full holder can give.
-        let nearest_full = self
-            .peers
-            .iter()
-            .filter(|q| !q.dead && matches!(q.have, Have::All))
-            .map(|q| q.tier)
-            .min();
         let window_end = self.consumed.saturating_add(cfg.ahead_bytes);
         let endgame = self.remaining <= cfg.endgame_bytes;
         // (rank key, index): open before asked, the window's front stripe
@@ -321,13 +321,36 @@ impl Plan {
         let mut candidates: Vec<(u32, u64, u32, u64, usize)> = Vec::new();
         let stripe_bytes = (cfg.ahead_bytes / STRIPES).max(1);
         let stripe = |start: u64| start.saturating_sub(self.consumed) / stripe_bytes;
+        // Nearest first: a lower-ranked peer starts new work only while
+        // there is more open than the better-ranked live peers take.
+        // Among full holders only (a receiver is asked for what it has
+        // whatever its rank), for chunks a better-ranked one may still give,
+        // and second asks in the endgame are not new work.
+        let better: Vec<PeerId> = (0..peer)
+            .filter(|&q| !self.peers[q].dead && matches!(self.peers[q].have, Have::All))
+            .collect();
+        let need_open = better.len() as u64 * cfg.batch_bytes;
         let mut open_bytes = 0u64;
+        // What a batch can surely take so far, and the stripe being looked
+        // at: once a stripe is passed with a batch's worth in hand, later
+        // stripes cannot come first (this scan ran for every idle worker
+        // at every arrival; it was the daemon's busiest function).
+        let (mut usable_bytes, mut usable_chunks, mut at_stripe) = (0u64, 0usize, 0u64);
         for i in self.first..self.wants.len() {
             let w = &self.wants[i];
-            if matches!(w.state, State::Ready | State::Consumed) {
-                continue;
-            }
             if w.start > window_end {
+                // Wants are in the materializer's order.
+                break;
+            }
+            let here = stripe(w.start);
+            if here != at_stripe {
+                at_stripe = here;
+                let enough = usable_bytes >= cfg.batch_bytes || usable_chunks >= cfg.batch_chunks;
+                if enough && (!full || open_bytes > need_open) {
+                    break;
+                }
+            }
+            if matches!(w.state, State::Ready | State::Consumed) {
                 continue;
             }
             if w.state == State::Open {
@@ -357,23 +380,19 @@ impl Plan {
                     // would otherwise be asked of the origin: a fifth of a
                     // copy more at N = 8; a slow receiver's call is doubled
                     // there instead). A receiver is spared what a nearer
-                    // peer can give: a chunk crosses a rack boundary about
-                    // once, then spreads inside the rack.
-                    let spared = match w.nearest() {
-                        Some(t) if full => t <= tier,
-                        near => {
-                            !full
-                                && (near.is_some_and(|t| t < tier)
-                                    || nearest_full.is_some_and(|t| t < tier))
-                        }
-                    };
-                    candidates.push((
-                        u32::from(spared),
-                        stripe(w.start),
-                        w.holders(),
-                        self.rng.random(),
-                        i,
-                    ));
+                    // receiver announced: a chunk crosses a rack boundary
+                    // about once, then spreads inside the rack. The nearest
+                    // receivers that announced a chunk are never spared it
+                    // (a receiver that lacked it, or was dropped, no longer
+                    // counts), so every announced chunk has someone to ask.
+                    let spared = w
+                        .nearest()
+                        .is_some_and(|t| if full { t <= tier } else { t < tier });
+                    if !spared {
+                        usable_bytes += u64::from(w.entry.len);
+                        usable_chunks += 1;
+                    }
+                    candidates.push((u32::from(spared), here, w.holders(), self.rng.random(), i));
                 }
                 State::Asked(by, since)
                     if endgame
@@ -381,7 +400,7 @@ impl Plan {
                         && !by.contains(&peer)
                         && now.duration_since(*since) >= cfg.endgame_after =>
                 {
-                    candidates.push((2, stripe(w.start), w.holders(), self.rng.random(), i));
+                    candidates.push((2, here, w.holders(), self.rng.random(), i));
                 }
                 _ => {}
             }
@@ -392,15 +411,7 @@ impl Plan {
             // the plan.
             return Take::Wait;
         }
-        // Nearest first: a lower-ranked peer starts new work only while
-        // there is more open than the better-ranked live peers take.
-        // Among full holders only (a receiver is asked for what it has
-        // whatever its rank), for chunks a better-ranked one may still give,
-        // and second asks in the endgame are not new work.
-        let better: Vec<PeerId> = (0..peer)
-            .filter(|&q| !self.peers[q].dead && matches!(self.peers[q].have, Have::All))
-            .collect();
-        let may_start = !full || open_bytes > better.len() as u64 * cfg.batch_bytes;
+        let may_start = !full || open_bytes > need_open;
         candidates.sort_unstable();
         let mut batch = Batch {
             chunks: Vec::new(),
