@@ -200,6 +200,8 @@ struct State {
     peers: Vec<PeerCounts>,
     /// How long the materializer waited for chunks, in all.
     stalled: Duration,
+    /// When the last chunk arrived.
+    done_at: Option<std::time::Instant>,
 }
 
 struct Shared {
@@ -281,6 +283,7 @@ impl Fetcher {
                     ready: HashMap::new(),
                     peers: Vec::new(),
                     stalled: Duration::ZERO,
+                    done_at: None,
                 }),
                 arrived: tokio::sync::watch::Sender::new(0),
                 room: tokio::sync::Notify::new(),
@@ -323,6 +326,13 @@ impl Fetcher {
             let seed = self.shared.cfg.seed ^ ((id as u64) << 32) ^ slot as u64;
             tasks.push(self.rt.spawn(worker(shared, id, p, seed)).abort_handle());
         }
+        self.shared.changed();
+    }
+
+    /// This node's share of what its rack fetches from farther away (see
+    /// [`plan::Plan::set_rack_share`]).
+    pub fn set_rack_share(&self, k: u64, r: u64) {
+        self.lock().plan.set_rack_share(k, r);
         self.shared.changed();
     }
 
@@ -374,6 +384,11 @@ impl Fetcher {
     /// transfer's time not spent writing).
     pub fn stalled(&self) -> Duration {
         self.lock().stalled
+    }
+
+    /// When the last chunk arrived, if all have.
+    pub fn done_at(&self) -> Option<std::time::Instant> {
+        self.lock().done_at
     }
 
     /// Bytes still to arrive, and the live peers (all, full holders).
@@ -495,6 +510,9 @@ fn arrived(shared: &Shared, peer: usize, name: &str, batch: &Batch, got: Got) {
         n += b.len() as u64;
         st.ready.insert(h, b.clone());
         fresh.push((h, b));
+    }
+    if st.plan.remaining() == 0 && st.done_at.is_none() {
+        st.done_at = Some(std::time::Instant::now());
     }
     let counts = &mut st.peers[peer];
     counts.bytes += n;

@@ -330,6 +330,8 @@ fn transfer(
     for (p, h) in peers.iter().zip(holders) {
         fetcher.add_peer_at(source(p), !h.partial, h.class as u8);
     }
+    let (k, r) = rack_share(&node.id, holders);
+    fetcher.set_rack_share(k, r);
     let discovery = Discovery(rt.spawn(discover(
         Arc::downgrade(&fetcher),
         p.sources.clone(),
@@ -427,12 +429,28 @@ fn transfer(
         from = ?fetcher.received_by_peer(),
         nodes_visited = diff.nodes_visited,
         stalled_s = fetcher.stalled().as_secs_f64(),
+        fetched_s = fetcher.done_at().map_or(0.0, |t| (t - started).as_secs_f64()),
         diff_s = diffed.as_secs_f64(),
         apply_s = (applied_at - diffed).as_secs_f64(),
         total_s = started.elapsed().as_secs_f64(),
         "applied version"
     );
     Ok(())
+}
+
+/// This node's place among the receivers of a version in its rack (by
+/// id, itself included), and how many there are.
+fn rack_share(me: &str, holders: &[Holder]) -> (u64, u64) {
+    let mut mates: Vec<&str> = holders
+        .iter()
+        .filter(|h| h.partial && h.class == crate::topology::PeerClass::SameRack)
+        .map(|h| h.id.as_str())
+        .chain(std::iter::once(me))
+        .collect();
+    mates.sort_unstable();
+    mates.dedup();
+    let k = mates.iter().position(|m| *m == me).unwrap_or(0);
+    (k as u64, mates.len() as u64)
 }
 
 /// Stops a transfer's discovery when the transfer ends, however it ends.
@@ -475,10 +493,12 @@ async fn discover(
             _ = tokio::time::sleep(DISCOVER_EVERY) => {}
         }
         let Some(f) = fetcher.upgrade() else { return };
+        let holders = fleet.holders(&version);
+        let (k, r) = rack_share(&me, &holders);
+        f.set_rack_share(k, r);
         let known: HashSet<String> = f.peer_names().into_iter().collect();
         let room = MAX_SOURCES.saturating_sub(known.len());
-        for h in fleet
-            .holders(&version)
+        for h in holders
             .into_iter()
             .filter(|h| h.id != me && !known.contains(&h.id))
             .take(room)

@@ -45,6 +45,12 @@ const STRIPES: u64 = 4;
 /// Topology tiers: the same rack, zone, region, elsewhere.
 const TIERS: usize = 4;
 
+/// Which of `r` rack-mates fetches a chunk from farther away.
+fn share_of(h: &Hash, r: u64) -> u64 {
+    let b = h.as_bytes();
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) % r
+}
+
 /// Tuning of a transfer's plan.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanConfig {
@@ -167,6 +173,10 @@ pub struct Plan {
     /// it out is asked for it again, insisting, after a quarter of
     /// `insist_after`.
     waiting: Option<usize>,
+    /// This node's share of what its rack fetches from farther away: `(k,
+    /// r)`, the k-th of r receivers of the version in the rack (see
+    /// [`Plan::set_rack_share`]).
+    share: Option<(u64, u64)>,
     rng: StdRng,
 }
 
@@ -183,6 +193,7 @@ impl Plan {
             first: 0,
             remaining: 0,
             waiting: None,
+            share: None,
             rng: StdRng::seed_from_u64(seed),
         };
         let mut offset = 0;
@@ -209,6 +220,17 @@ impl Plan {
             declined: None,
         });
         i
+    }
+
+    /// This node is the `k`-th of `r` receivers of the version in its rack
+    /// (by id, as every one of them counts): from peers farther away it
+    /// fetches only chunks whose hash falls to it, and the rest from its
+    /// rack once one of them has it — so a chunk crosses into the rack
+    /// about once. The chunk the materializer waits for and the endgame are
+    /// exempt: a rack-mate that died or sees the rack differently delays a
+    /// chunk, never stalls it.
+    pub fn set_rack_share(&mut self, k: u64, r: u64) {
+        self.share = (r > 1 && k < r).then_some((k, r));
     }
 
     /// A peer that holds the whole version (`full`) or announces what it
@@ -388,6 +410,14 @@ impl Plan {
                     let spared = w
                         .nearest()
                         .is_some_and(|t| if full { t <= tier } else { t < tier });
+                    // Another rack-mate's share, fetched across by it.
+                    let theirs = tier > 0
+                        && !endgame
+                        && self.waiting != Some(i)
+                        && self
+                            .share
+                            .is_some_and(|(k, r)| share_of(&w.entry.hash, r) != k);
+                    let spared = spared || theirs;
                     if !spared {
                         usable_bytes += u64::from(w.entry.len);
                         usable_chunks += 1;

@@ -218,10 +218,13 @@ proptest! {
             let cfg = PlanConfig { endgame_bytes: 4 * u64::from(K), ahead_bytes: 16 * u64::from(K), ..cfg() };
             let mut plan = Plan::new(&c, cfg, seed);
             let full = [true, false, false, true];
-            // Peers in random racks: topology must not break the bounds.
+            // Peers in random racks, and a random share of the rack's
+            // fetching from afar: topology must not break the bounds.
             for (p, f) in full.into_iter().enumerate() {
                 plan.add_peer_at(f, (seed >> (2 * p)) as u8 & 3);
             }
+            let r = (seed >> 8) % 4;
+            plan.set_rack_share((seed >> 12) % 4, r);
             let mut announced: Vec<HashSet<Hash>> = vec![HashSet::new(); 4];
             let mut completed = [false; 4];
             let mut out: Vec<Vec<Batch>> = (0..4).map(|_| Vec::new()).collect();
@@ -290,7 +293,9 @@ proptest! {
             for p in 0..4 {
                 plan.drop_peer(p);
             }
-            let last = plan.add_peer(true);
+            // The last full holder is in another rack: what falls to
+            // rack-mates still comes, as the materializer waits for it.
+            let last = plan.add_peer_at(true, 1 + (seed >> 16) as u8 % 3);
             for _ in 0..10_000 {
                 if read == c.len() {
                     break;
@@ -350,4 +355,39 @@ async fn a_chunk_crosses_to_another_rack_about_once() {
     assert_eq!(from_near, first_half);
     // Everything is asked of someone; the far full holder is spared.
     assert_eq!(plan.take(origin, now), Take::Wait);
+}
+
+/// The k-th of r receivers in a rack fetches from farther away only its
+/// share of the chunks; the chunk the materializer waits for is exempt,
+/// and so is everything in the endgame.
+#[tokio::test(start_paused = true)]
+async fn a_rack_mate_fetches_only_its_share_from_afar() {
+    let c = chunks(64);
+    let mut plan = Plan::new(
+        &c,
+        PlanConfig {
+            batch_bytes: 64 * u64::from(K),
+            batch_chunks: 64,
+            ..cfg()
+        },
+        5,
+    );
+    let far = plan.add_peer_at(true, 1);
+    plan.set_rack_share(1, 2);
+    let now = Instant::now();
+    let got = hashes(&fetch(plan.take(far, now)));
+    assert!(!got.is_empty());
+    assert!(
+        got.iter().all(|h| share_of(h, 2) == 1),
+        "asked a far peer for a rack-mate's share"
+    );
+    // The materializer waits for a chunk of the other share: asked too.
+    let other = c
+        .iter()
+        .find(|x| share_of(&x.hash, 2) == 0)
+        .expect("some chunk is the other's");
+    let i = plan.reading(other);
+    let got = hashes(&fetch(plan.take(far, now)));
+    assert_eq!(got, vec![other.hash], "the waited-for chunk is fetched");
+    assert!(!plan.is_ready(i));
 }
