@@ -653,13 +653,12 @@ impl ChunkPeer for PeerChunks {
     }
 }
 
-impl NodeSource for RemotePeer {
-    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        let req = pb::GetNodesRequest {
-            ids: vec![hash.as_bytes().to_vec()],
-        };
+impl RemotePeer {
+    /// One `GetNodes` call (timed in `syncd_rpc_duration_seconds`).
+    fn get_nodes_call(&self, ids: Vec<Vec<u8>>) -> Result<pb::GetNodesResponse, Status> {
         let started = std::time::Instant::now();
         let (transport, address) = (self.transport.clone(), self.address.clone());
+        let req = pb::GetNodesRequest { ids };
         let resp = crate::env::wait(
             &self.rt,
             async move { transport.get_nodes(&address, req).await },
@@ -668,22 +667,52 @@ impl NodeSource for RemotePeer {
             .rpc_duration
             .with_label_values(&["get_nodes"])
             .observe(started.elapsed().as_secs_f64());
-        match resp {
-            Ok(r) => Ok(r
-                .nodes
-                .into_iter()
-                .find(|n| n.id == hash.as_bytes())
-                .map(|n| n.data.to_vec())
-                .filter(|d| !d.is_empty())),
-            Err(s) => Err(StoreError::SourceFailed {
-                hash: *hash,
-                origin: chunk_store::Origin::Remote,
-                reason: format!("peer {}: {s}", self.id),
-            }),
+        resp
+    }
+
+    fn failed(&self, hash: Hash, s: Status) -> StoreError {
+        StoreError::SourceFailed {
+            hash,
+            origin: chunk_store::Origin::Remote,
+            reason: format!("peer {}: {s}", self.id),
         }
+    }
+}
+
+impl NodeSource for RemotePeer {
+    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self
+            .get_nodes_call(vec![hash.as_bytes().to_vec()])
+            .map_err(|s| self.failed(*hash, s))?;
+        Ok(r.nodes
+            .into_iter()
+            .find(|n| n.id == hash.as_bytes())
+            .map(|n| n.data.to_vec())
+            .filter(|d| !d.is_empty()))
     }
 
     fn origin(&self) -> chunk_store::Origin {
         chunk_store::Origin::Remote
+    }
+
+    /// One `GetNodes` call for up to [`MAX_NODES_PER_CALL`] ids (the peer
+    /// may answer fewer: what it left out is asked for when read).
+    fn get_many(&self, hashes: &[Hash]) -> Result<Vec<(Hash, Vec<u8>)>, StoreError> {
+        let Some(first) = hashes.first() else {
+            return Ok(Vec::new());
+        };
+        let ids = hashes
+            .iter()
+            .take(MAX_NODES_PER_CALL)
+            .map(|h| h.as_bytes().to_vec())
+            .collect();
+        let r = self
+            .get_nodes_call(ids)
+            .map_err(|s| self.failed(*first, s))?;
+        Ok(r.nodes
+            .into_iter()
+            .filter(|n| !n.data.is_empty())
+            .filter_map(|n| Some((Hash::from_slice(&n.id)?, n.data.to_vec())))
+            .collect())
     }
 }

@@ -12,6 +12,10 @@ use super::{
 use crate::Hash;
 use crate::error::{Error, Origin};
 
+/// Most nodes one expanded page hints at (what a page of the largest
+/// size can list; a bound on the local lookups one page costs).
+const PREFETCH_MAX: usize = 16 << 10;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChangeKind {
     Added,
@@ -419,7 +423,10 @@ impl Differ<'_> {
                     lc.expand(&mut self.out.nodes_visited, &mut self.budget)?;
                 }
                 if rr >= lr {
+                    // What the page adds is on top of the stack.
+                    let below = rc.stack.len().saturating_sub(1);
                     rc.expand(&mut self.out.nodes_visited, &mut self.budget)?;
+                    self.prefetch_remote(&rc.stack[below.min(rc.stack.len())..]);
                 }
                 continue;
             }
@@ -574,6 +581,33 @@ impl Differ<'_> {
         Ok(())
     }
 
+    /// Hints the remote source at the nodes a remote page just expanded
+    /// (`added`) leads to that this side does not hold: sub-pages, sub-directories'
+    /// roots and file recipes the diff will read next (unchanged ones are
+    /// held locally and skipped, so the cost stays with what changed).
+    fn prefetch_remote(&self, added: &[Item]) {
+        let mut hashes = Vec::new();
+        for item in added.iter().rev() {
+            let h = match item {
+                Item::Node { hash, .. } => *hash,
+                Item::Entry(DirEntry {
+                    meta: EntryMeta::File { recipe: h, .. } | EntryMeta::Dir { root: h, .. },
+                    ..
+                }) => *h,
+                Item::Entry(_) => continue,
+            };
+            if hashes.len() >= PREFETCH_MAX {
+                break;
+            }
+            if !matches!(self.local.get_node(&h), Ok(Some(_))) {
+                hashes.push(h);
+            }
+        }
+        if !hashes.is_empty() {
+            self.remote.prefetch(&hashes);
+        }
+    }
+
     /// Adds the chunks of a remote recipe that the local side lacks,
     /// skipping recipe subtrees listed in `known`.
     fn missing_from(&mut self, root: &Hash, known: &HashSet<Hash>) -> Result<(), Error> {
@@ -599,7 +633,15 @@ impl Differ<'_> {
                 }
                 Node::Index {
                     level, children, ..
-                } => stack.extend(children.iter().rev().map(|c| (c.hash, Some(level - 1)))),
+                } => {
+                    let fresh: Vec<Hash> = children
+                        .iter()
+                        .map(|c| c.hash)
+                        .filter(|h| !known.contains(h) && !self.seen_recipe.contains(h))
+                        .collect();
+                    self.remote.prefetch(&fresh);
+                    stack.extend(children.iter().rev().map(|c| (c.hash, Some(level - 1))))
+                }
                 Node::DirLeaf(_) => unreachable!("load_node checked the tree"),
             }
         }

@@ -16,6 +16,15 @@ pub trait NodeSource {
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, Error>;
     /// Whom to blame for an invalid node.
     fn origin(&self) -> Origin;
+    /// Several nodes at once, where that saves round trips (a peer answers
+    /// many ids per call): those returned, by id, unverified. Best effort:
+    /// a node left out is asked for on its own when it is read. By default
+    /// nothing is fetched ahead.
+    fn get_many(&self, _hashes: &[Hash]) -> Result<Vec<(Hash, Vec<u8>)>, Error> {
+        Ok(Vec::new())
+    }
+    /// A hint that these nodes will be read soon.
+    fn prefetch(&self, _hashes: &[Hash]) {}
 }
 
 impl std::fmt::Debug for dyn NodeSource + '_ {
@@ -104,7 +113,42 @@ impl<S: NodeSource + ?Sized> NodeSource for CachedNodes<'_, S> {
     fn origin(&self) -> Origin {
         self.inner.origin()
     }
+
+    /// Fetches the uncached ones of `hashes` in batches and keeps those
+    /// that match their hash, while they fit the cache (a prefetch never
+    /// evicts). A diff of a directory of 2,000 new small files made 2,000
+    /// round trips for their recipes before; now about 8.
+    fn prefetch(&self, hashes: &[Hash]) {
+        let want: Vec<Hash> = {
+            let c = self.cache.borrow();
+            let mut seen = std::collections::HashSet::new();
+            hashes
+                .iter()
+                .filter(|h| !c.0.contains_key(*h) && seen.insert(**h))
+                .copied()
+                .collect()
+        };
+        for batch in want.chunks(PREFETCH_BATCH) {
+            let Ok(got) = self.inner.get_many(batch) else {
+                return;
+            };
+            let mut c = self.cache.borrow_mut();
+            for (h, b) in got {
+                if !batch.contains(&h) || Hash::of(&b) != h {
+                    continue;
+                }
+                if c.1 + b.len() > self.cap {
+                    return;
+                }
+                c.1 += b.len();
+                c.0.insert(h, b);
+            }
+        }
+    }
 }
+
+/// Nodes asked for in one prefetch call (a peer answers up to 256 ids).
+const PREFETCH_BATCH: usize = 256;
 
 /// Fetches, verifies and decodes one node; `level` is checked when the
 /// parent told us what it must be.

@@ -858,3 +858,94 @@ fn names_repeated_across_pages_reserved_names_and_absurd_mtimes_are_refused() {
         "{err}"
     );
 }
+
+/// A source that answers many ids per call, and counts single and batched
+/// calls (a peer: every call a round trip).
+struct Batching {
+    nodes: MemNodes,
+    singles: std::cell::Cell<u64>,
+    batches: std::cell::Cell<u64>,
+}
+
+impl NodeSource for Batching {
+    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, Error> {
+        self.singles.set(self.singles.get() + 1);
+        self.nodes.get_node(hash)
+    }
+    fn origin(&self) -> Origin {
+        Origin::Remote
+    }
+    fn get_many(&self, hashes: &[Hash]) -> Result<Vec<(Hash, Vec<u8>)>, Error> {
+        self.batches.set(self.batches.get() + 1);
+        Ok(hashes
+            .iter()
+            .filter_map(|h| Some((*h, self.nodes.nodes.get(h)?.clone())))
+            .collect())
+    }
+}
+
+/// A directory of 2,000 new small files: the diff reads their recipes in
+/// a few batched calls instead of one round trip each (a replica took
+/// 1.3 s for the diff alone over a real network), and the result is the
+/// same as without batching; a page held locally is not asked for.
+#[test]
+fn a_diff_of_many_new_files_reads_their_recipes_in_batches() {
+    let mut t = Hostile::new();
+    let files: Vec<(String, EntryMeta)> = (0..2000)
+        .map(|i| {
+            let recipe = t.put(Node::RecipeLeaf(vec![ChunkEntry {
+                hash: Hash::of(&(i as u64).to_le_bytes()),
+                len: 32 << 10,
+            }]));
+            (
+                format!("f{i:05}"),
+                EntryMeta::File {
+                    mode: 0o644,
+                    size: 32 << 10,
+                    mtime: Mtime {
+                        secs: 1_700_000_000,
+                        nanos: 0,
+                    },
+                    recipe,
+                },
+            )
+        })
+        .collect();
+    let root = t.dir_leaf(files);
+    let src = Batching {
+        nodes: t.0.clone(),
+        singles: Default::default(),
+        batches: Default::default(),
+    };
+    let cached = CachedNodes::new(&src, 64 << 20);
+    let empty = MemNodes::default();
+    let batched = diff_limited(
+        &empty,
+        None,
+        &cached,
+        Some(root),
+        &mut |_| Ok(false),
+        DiffLimits::NONE,
+    )
+    .unwrap();
+    assert_eq!(batched.changes.len(), 2000);
+    assert_eq!(batched.missing_chunks.len(), 2000);
+    assert!(
+        src.singles.get() <= 2 && src.batches.get() <= 10,
+        "{} single and {} batched calls",
+        src.singles.get(),
+        src.batches.get()
+    );
+    // The same diff without batching.
+    let plain = diff_limited(
+        &empty,
+        None,
+        &t.0,
+        Some(root),
+        &mut |_| Ok(false),
+        DiffLimits::NONE,
+    )
+    .unwrap();
+    assert_eq!(format!("{:?}", plain.changes), format!("{:?}", batched.changes));
+    assert_eq!(plain.missing_chunks, batched.missing_chunks);
+}
