@@ -946,6 +946,9 @@ fn a_diff_of_many_new_files_reads_their_recipes_in_batches() {
         DiffLimits::NONE,
     )
     .unwrap();
-    assert_eq!(format!("{:?}", plain.changes), format!("{:?}", batched.changes));
+    assert_eq!(
+        format!("{:?}", plain.changes),
+        format!("{:?}", batched.changes)
+    );
     assert_eq!(plain.missing_chunks, batched.missing_chunks);
 }

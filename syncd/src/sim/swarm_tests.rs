@@ -15,7 +15,7 @@ use std::time::Duration;
 use rand::{RngExt as _, SeedableRng as _};
 
 use super::node::{DirSpec, NodeSpec};
-use super::tests::{DIR, Fleet, confined};
+use super::tests::{DIR, Fleet};
 use crate::bandwidth::Caps;
 use crate::locks::LockExt as _;
 use crate::transport::mem::MemNet;
@@ -174,30 +174,12 @@ async fn run(seed: u64, tmp: &std::path::Path) -> Result<Outcome, String> {
         receivers_copies: up[1..].iter().sum::<u64>() as f64 / size,
         took,
     };
-    for (i, v) in f.seen.locked().iter().enumerate() {
-        if v.windows(2).any(|w| w[1] < w[0]) {
-            return Err(format!("node {i}'s version went backwards: {v:?}"));
-        }
-    }
-    for spec in &f.specs {
-        confined(&spec.sandbox)?;
-    }
-    for node in f.nodes.into_iter().flatten() {
-        node.stop().await;
-    }
+    f.check_and_stop().await?;
     Ok(out)
 }
 
 fn run_seed(seed: u64) -> Result<Outcome, String> {
-    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let r = rt.block_on(run(seed, tmp.path()));
-    rt.shutdown_timeout(Duration::from_secs(10));
-    r
+    super::tests::paused(|tmp| async move { run(seed, &tmp).await })
 }
 
 /// Seeded swarms converge with receivers crashing mid-transfer, and the

@@ -131,6 +131,24 @@ impl Fleet {
         self.specs[0].root(DIR)
     }
 
+    /// The invariants every run ends with: no node's version went
+    /// backwards, nothing was written outside a node's sandbox roots and
+    /// index, no temp file was left; then the nodes stop.
+    pub(super) async fn check_and_stop(self) -> Result<(), String> {
+        for (i, s) in self.seen.locked().iter().enumerate() {
+            if s.windows(2).any(|w| w[1] < w[0]) {
+                return Err(format!("node {i}'s version went backwards: {s:?}"));
+            }
+        }
+        for s in &self.specs {
+            confined(&s.sandbox)?;
+        }
+        for n in self.nodes.into_iter().flatten() {
+            n.stop().await;
+        }
+        Ok(())
+    }
+
     /// Whether every node holds the source's version with its files.
     pub(super) fn converged(&self) -> Result<(), String> {
         let source = self.nodes[0].as_ref().ok_or("the source is down")?;
@@ -163,7 +181,7 @@ impl Fleet {
 }
 
 /// What each node's sandbox may hold at its top level.
-pub(super) fn confined(sandbox: &Path) -> Result<(), String> {
+fn confined(sandbox: &Path) -> Result<(), String> {
     for e in std::fs::read_dir(sandbox).map_err(|e| e.to_string())? {
         let name = e.map_err(|e| e.to_string())?.file_name();
         if name != "index" && name != "data" {
@@ -304,17 +322,7 @@ async fn run(seed: u64, tmp: &Path) -> Result<Trace, String> {
     if std::env::var_os("SYNCD_SIM_VERBOSE").is_some() {
         eprintln!("{trace}");
     }
-    for (i, s) in f.seen.locked().iter().enumerate() {
-        if s.windows(2).any(|w| w[1] < w[0]) {
-            return Err(format!("node {i}'s version went backwards: {s:?}"));
-        }
-    }
-    for s in &f.specs {
-        confined(&s.sandbox)?;
-    }
-    for n in f.nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    f.check_and_stop().await?;
     Ok(trace)
 }
 
@@ -331,13 +339,22 @@ fn run_seed(seed: u64) -> Result<Trace, String> {
                 .finish(),
         )
     });
+    paused(|tmp| async move { run(seed, &tmp).await })
+}
+
+/// Runs `run` in a fresh temporary directory on a current-thread runtime
+/// with the clock paused (what makes a seed replayable).
+pub(super) fn paused<T, F>(run: impl FnOnce(std::path::PathBuf) -> F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .map_err(|e| e.to_string())?;
-    let r = rt.block_on(run(seed, tmp.path()));
+    let r = rt.block_on(run(tmp.path().to_path_buf()));
     rt.shutdown_timeout(Duration::from_secs(10));
     r
 }
