@@ -17,7 +17,6 @@ use rand::{RngExt as _, SeedableRng as _};
 use super::node::{DirSpec, NodeSpec};
 use super::tests::{DIR, Fleet};
 use crate::bandwidth::Caps;
-use crate::locks::LockExt as _;
 use crate::transport::mem::MemNet;
 
 /// Every node's upload cap: the origin alone would need one such second
