@@ -9,7 +9,6 @@
 //!   fetcher made it send every receiver its own copy);
 //! - nothing is written outside a node's roots, no temp file is left.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{RngExt as _, SeedableRng as _};
@@ -112,16 +111,7 @@ async fn run(seed: u64, tmp: &std::path::Path) -> Result<Outcome, String> {
             },
         })
         .collect();
-    let mut f = Fleet {
-        net: MemNet::new(),
-        nodes: (0..n).map(|_| None).collect(),
-        incarnations: vec![0; n],
-        seen: Arc::new(Mutex::new(vec![Vec::new(); n])),
-        specs,
-    };
-    for i in 0..n {
-        f.start(i).await?;
-    }
+    let mut f = Fleet::started(MemNet::new(), specs).await?;
     // A first small version everywhere: every node knows every other.
     write(&f, "hello", b"hello\n").await?;
     converge(&f, CONVERGE).await?;

@@ -99,12 +99,28 @@ pub(super) struct Fleet {
     pub(super) net: Arc<MemNet>,
     pub(super) specs: Vec<NodeSpec>,
     pub(super) nodes: Vec<Option<SimNode>>,
-    pub(super) incarnations: Vec<u64>,
+    incarnations: Vec<u64>,
     /// Every version each node was seen holding, in order.
-    pub(super) seen: Arc<Mutex<Vec<Vec<u64>>>>,
+    seen: Arc<Mutex<Vec<Vec<u64>>>>,
 }
 
 impl Fleet {
+    /// A fleet of `specs` on `net`, every node started.
+    pub(super) async fn started(net: Arc<MemNet>, specs: Vec<NodeSpec>) -> Result<Fleet, String> {
+        let n = specs.len();
+        let mut f = Fleet {
+            net,
+            nodes: (0..n).map(|_| None).collect(),
+            incarnations: vec![0; n],
+            seen: Arc::new(Mutex::new(vec![Vec::new(); n])),
+            specs,
+        };
+        for i in 0..n {
+            f.start(i).await?;
+        }
+        Ok(f)
+    }
+
     pub(super) async fn start(&mut self, i: usize) -> Result<(), String> {
         self.incarnations[i] += 1;
         let n = SimNode::start(&self.net, self.specs[i].clone(), self.incarnations[i]).await?;
@@ -228,16 +244,7 @@ async fn run(seed: u64, tmp: &Path) -> Result<Trace, String> {
     for s in &specs {
         std::fs::create_dir_all(s.root(DIR)).map_err(|e| e.to_string())?;
     }
-    let mut f = Fleet {
-        net,
-        nodes: (0..n).map(|_| None).collect(),
-        incarnations: vec![0; n],
-        seen: Arc::new(Mutex::new(vec![Vec::new(); n])),
-        specs,
-    };
-    for i in 0..n {
-        f.start(i).await?;
-    }
+    let mut f = Fleet::started(net, specs).await?;
     let mut cuts = Vec::new();
     for (step, op) in ops.iter().enumerate() {
         match *op {
