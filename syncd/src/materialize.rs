@@ -6,6 +6,10 @@
 //! mtime, fsync, rename over the target, fsync the directory. Readers see
 //! the old file or the new one, never a mix; a crash leaves at most a temp
 //! file (named `.syncd-tmp.*`, removed by the next run in that directory).
+//! Small files go through the same steps in batches (`batch.rs`): their
+//! temps are fsynced together, then renamed, then each directory fsynced
+//! once, so a tree of many small files does not cost a journal commit per
+//! file.
 //!
 //! **Confinement is the kernel's job, not string checks.** The root is
 //! opened once as a directory handle (cap-std); each parent directory on a
@@ -37,8 +41,10 @@ use chunk_store::indexer::{self, KnownFile};
 use chunk_store::manifest::{self, ChangeKind, ChunkEntry, Diff, EntryMeta, Mtime, NodeSource};
 use chunk_store::store::Store;
 
+mod batch;
 mod flush;
 mod in_flight;
+use batch::{Batch, SMALL_FILE, Staged};
 use flush::{FLUSH_EVERY, Flusher};
 pub use in_flight::InFlight;
 
@@ -274,99 +280,22 @@ pub fn apply(
     };
     let top = Dir::open_ambient_dir(root, ambient_authority()).map_err(io_err)?;
     let mut report = Report::default();
-    let mut cleaned: HashSet<String> = HashSet::new();
-
-    // Directories, then files and symlinks (changes are sorted by path, so
-    // parents come before children).
-    let stopped = || {
-        opts.stop
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-    };
-    for c in &diff.changes {
-        if stopped() {
-            return Err(MaterializeError::Stopped);
-        }
-        if c.kind == ChangeKind::Removed {
-            continue;
-        }
-        let remote_meta = c
-            .remote
-            .as_ref()
-            .expect("added or modified has a remote side");
-        let (parent, name) = open_parent(&top, &c.path)?;
-        if !cleaned.contains(parent_of(&c.path)) {
-            remove_stale_temps(&parent);
-            cleaned.insert(parent_of(&c.path).to_string());
-        }
-        match remote_meta {
-            EntryMeta::Dir { mode, .. } => {
-                if c.kind == ChangeKind::Added {
-                    clear_other_type(&parent, name, &c.path, true)?;
-                    match parent.create_dir(name) {
-                        Ok(()) => report.dirs_created += 1,
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(path_io(&c.path, e)),
-                    }
-                }
-                let sub = parent.open_dir_nofollow(name).map_err(|source| {
-                    MaterializeError::ThroughSymlink {
-                        path: c.path.clone(),
-                        source,
-                    }
-                })?;
-                // Directory handles are O_PATH; fchmod needs a real fd.
-                sub.open(".")
-                    .and_then(|d| {
-                        d.into_std()
-                            .set_permissions(std::fs::Permissions::from_mode(*mode))
-                    })
-                    .map_err(|e| path_io(&c.path, e))?;
-            }
-            EntryMeta::File {
-                mode,
-                size,
-                mtime,
-                recipe,
-            } => {
-                let chunks = manifest::read_recipe_checked(remote, recipe, *size, opts.min_chunk);
-                clear_other_type(&parent, name, &c.path, false)?;
-                let mode = if opts.allow_setid {
-                    *mode
-                } else {
-                    *mode & !indexer::SETID_BITS
-                };
-                let written = write_file(
-                    &parent,
-                    name,
-                    &c.path,
-                    chunks,
-                    *size,
-                    mode,
-                    *mtime,
-                    sources,
-                    in_flight,
-                    &mut report,
-                    &stopped,
-                )?;
-                report.files_written += 1;
-                report.bytes_written += written;
-                files_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            EntryMeta::Symlink { target } => {
-                clear_other_type(&parent, name, &c.path, false)?;
-                let tmp = temp_name(name);
-                parent
-                    .symlink_contents(target, &tmp)
-                    .map_err(|e| path_io(&c.path, e))?;
-                parent
-                    .rename(&tmp, &parent, name)
-                    .map_err(|e| path_io(&c.path, e))?;
-                sync_dir(&parent, &c.path)?;
-                report.symlinks_created += 1;
-            }
-        }
-    }
+    // Small files are committed in batches; whatever stops the writing —
+    // an error, a stop — the files already complete are still put in place.
+    let mut batch = Batch::default();
+    let written = write_all(
+        &top,
+        diff,
+        remote,
+        sources,
+        in_flight,
+        files_done,
+        &opts,
+        &mut batch,
+        &mut report,
+    );
+    let committed = batch.commit(&mut report, files_done);
+    written.and(committed)?;
 
     // Deletions last, deepest first. A type change lists the old entry as
     // removed and the new one as added at the same path; the old entry and
@@ -416,6 +345,106 @@ pub fn apply(
         sync_dir(&parent, &c.path)?;
     }
     Ok(report)
+}
+
+/// Directories, then files and symlinks (changes are sorted by path, so
+/// parents come before children).
+#[allow(clippy::too_many_arguments)]
+fn write_all(
+    top: &Dir,
+    diff: &Diff,
+    remote: &dyn NodeSource,
+    sources: &[&dyn ChunkSource],
+    in_flight: &InFlight,
+    files_done: &std::sync::atomic::AtomicU64,
+    opts: &ApplyOptions,
+    batch: &mut Batch,
+    report: &mut Report,
+) -> Result<()> {
+    let mut cleaned: HashSet<String> = HashSet::new();
+    let stopped = || {
+        opts.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    for c in &diff.changes {
+        if stopped() {
+            return Err(MaterializeError::Stopped);
+        }
+        if c.kind == ChangeKind::Removed {
+            continue;
+        }
+        let remote_meta = c
+            .remote
+            .as_ref()
+            .expect("added or modified has a remote side");
+        let (parent, name) = open_parent(top, &c.path)?;
+        if !cleaned.contains(parent_of(&c.path)) {
+            remove_stale_temps(&parent);
+            cleaned.insert(parent_of(&c.path).to_string());
+        }
+        match remote_meta {
+            EntryMeta::Dir { mode, .. } => {
+                if c.kind == ChangeKind::Added {
+                    clear_other_type(&parent, name, &c.path, true)?;
+                    match parent.create_dir(name) {
+                        Ok(()) => report.dirs_created += 1,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(path_io(&c.path, e)),
+                    }
+                }
+                let sub = parent.open_dir_nofollow(name).map_err(|source| {
+                    MaterializeError::ThroughSymlink {
+                        path: c.path.clone(),
+                        source,
+                    }
+                })?;
+                // Directory handles are O_PATH; fchmod needs a real fd.
+                sub.open(".")
+                    .and_then(|d| {
+                        d.into_std()
+                            .set_permissions(std::fs::Permissions::from_mode(*mode))
+                    })
+                    .map_err(|e| path_io(&c.path, e))?;
+            }
+            EntryMeta::File {
+                mode,
+                size,
+                mtime,
+                recipe,
+            } => {
+                let chunks = manifest::read_recipe_checked(remote, recipe, *size, opts.min_chunk);
+                clear_other_type(&parent, name, &c.path, false)?;
+                let mode = if opts.allow_setid {
+                    *mode
+                } else {
+                    *mode & !indexer::SETID_BITS
+                };
+                let staged = stage_file(
+                    parent, name, &c.path, chunks, *size, mode, *mtime, sources, in_flight, report,
+                    &stopped,
+                )?;
+                if *size < SMALL_FILE {
+                    batch.push(staged, report, files_done)?;
+                } else {
+                    staged.commit(report, files_done)?;
+                }
+            }
+            EntryMeta::Symlink { target } => {
+                clear_other_type(&parent, name, &c.path, false)?;
+                let tmp = temp_name(name);
+                parent
+                    .symlink_contents(target, &tmp)
+                    .map_err(|e| path_io(&c.path, e))?;
+                parent
+                    .rename(&tmp, &parent, name)
+                    .map_err(|e| path_io(&c.path, e))?;
+                sync_dir(&parent, &c.path)?;
+                report.symlinks_created += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn path_io(path: &str, source: io::Error) -> MaterializeError {
@@ -513,9 +542,11 @@ fn system_time(m: Mtime) -> SystemTime {
     }
 }
 
+/// Writes a file's content to a temp beside it, verifying every chunk, and
+/// sets its mode and mtime; [`Staged`] then makes it durable and visible.
 #[allow(clippy::too_many_arguments)]
-fn write_file(
-    parent: &Dir,
+fn stage_file(
+    parent: Dir,
     name: &str,
     path: &str,
     chunks: manifest::RecipeReader<'_>,
@@ -526,7 +557,7 @@ fn write_file(
     in_flight: &InFlight,
     report: &mut Report,
     stopped: &dyn Fn() -> bool,
-) -> Result<u64> {
+) -> Result<Staged> {
     let tmp = temp_name(name);
     let file = parent
         .open_with(
@@ -534,104 +565,84 @@ fn write_file(
             OpenOptions::new().read(true).write(true).create_new(true),
         )
         .map_err(|e| path_io(path, e))?;
-    let file = Arc::new(file.into_std());
-    // Removes the temp file unless it was renamed into place, on an error
-    // or a panic alike.
-    struct Temp<'a> {
-        parent: &'a Dir,
-        name: Option<String>,
-    }
-    impl Drop for Temp<'_> {
-        fn drop(&mut self) {
-            if let Some(n) = &self.name {
-                let _ = self.parent.remove_file(n);
-            }
-        }
-    }
-    let mut temp = Temp {
+    // From here the temp is removed unless renamed into place, on an
+    // error or a panic alike.
+    let mut staged = Staged {
         parent,
-        name: Some(tmp.clone()),
+        tmp: Some(tmp),
+        name: name.to_string(),
+        path: path.to_string(),
+        file: Arc::new(file.into_std()),
+        size,
+        known: None,
     };
-    let result = (|| {
-        // Unbuffered: a chunk is on the file (page cache) once written, so
-        // peers can be served from it while the rest is still arriving.
-        // The recipe is streamed (its reader checks it covers exactly
-        // `size`, before the rename); the chunk list is kept only for the
-        // index's hint, within MAX_KNOWN_CHUNKS.
-        let mut offset = 0;
-        let mut known: Option<Vec<ChunkEntry>> = Some(Vec::new());
-        let mut flusher: Option<Flusher> = None;
-        for c in chunks {
-            // A stop abandons the file (its temp is removed): the old
-            // version stays in place, whole.
-            if stopped() {
-                return Err(MaterializeError::Stopped);
+    let file = staged.file.clone();
+    // Unbuffered: a chunk is on the file (page cache) once written, so
+    // peers can be served from it while the rest is still arriving. The
+    // recipe is streamed (its reader checks it covers exactly `size`); the
+    // chunk list is kept only for the index's hint, within
+    // MAX_KNOWN_CHUNKS.
+    let mut offset = 0;
+    let mut known: Option<Vec<ChunkEntry>> = Some(Vec::new());
+    let mut flusher: Option<Flusher> = None;
+    for c in chunks {
+        // A stop abandons the file (its temp is removed): the old version
+        // stays in place, whole.
+        if stopped() {
+            return Err(MaterializeError::Stopped);
+        }
+        let c = c?;
+        let bytes = fetch_verified(&c, path, sources, report)?;
+        (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;
+        in_flight.add(c.hash, &file, offset, c.len);
+        let before = offset;
+        offset += u64::from(c.len);
+        if before / FLUSH_EVERY != offset / FLUSH_EVERY {
+            flusher.get_or_insert_with(|| Flusher::start(&file)).kick();
+        }
+        if let Some(k) = &mut known {
+            if report.known_chunks + k.len() < MAX_KNOWN_CHUNKS {
+                k.push(c);
+            } else {
+                known = None;
             }
-            let c = c?;
-            let bytes = fetch_verified(&c, path, sources, report)?;
-            (&*file).write_all(&bytes).map_err(|e| path_io(path, e))?;
-            in_flight.add(c.hash, &file, offset, c.len);
-            let before = offset;
-            offset += u64::from(c.len);
-            if before / FLUSH_EVERY != offset / FLUSH_EVERY {
-                flusher.get_or_insert_with(|| Flusher::start(&file)).kick();
-            }
-            if let Some(k) = &mut known {
-                if report.known_chunks + k.len() < MAX_KNOWN_CHUNKS {
-                    k.push(c);
-                } else {
-                    known = None;
-                }
-            }
         }
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| path_io(path, e))?;
-        file.set_times(std::fs::FileTimes::new().set_modified(system_time(mtime)))
-            .map_err(|e| path_io(path, e))?;
-        // A flusher's error is this file's (Linux reports it once).
-        if let Some(f) = flusher.take() {
-            f.finish().map_err(|e| path_io(path, e))?;
-        }
-        // Data and metadata on disk before the rename makes them visible.
-        file.sync_all().map_err(|e| path_io(path, e))?;
-        let m = file.metadata().map_err(|e| path_io(path, e))?;
-        // A file system that clamps the time (ext4 stops at 2446) would
-        // leave a file that never matches the version: say so now.
-        if indexer::mtime_of(&m) != mtime {
-            return Err(MaterializeError::PathRejected {
-                path: path.to_string(),
-                reason: format!(
-                    "the file system stored modification time {}.{:09} instead of {}.{:09}",
-                    m.mtime(),
-                    m.mtime_nsec(),
-                    mtime.secs,
-                    mtime.nanos
-                ),
-            });
-        }
-        parent
-            .rename(&tmp, parent, name)
-            .map_err(|e| path_io(path, e))?;
-        temp.name = None;
-        // The rename itself on disk.
-        sync_dir(parent, path)?;
-        if let Some(chunks) = known {
-            report.known_chunks += chunks.len();
-            report.known.insert(
-                path.to_string(),
-                KnownFile {
-                    size,
-                    mtime: indexer::mtime_of(&m),
-                    inode: m.ino(),
-                    dev: m.dev(),
-                    chunks,
-                },
-            );
-        }
-        Ok(())
-    })();
-    drop(temp);
-    result.map(|()| size)
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| path_io(path, e))?;
+    file.set_times(std::fs::FileTimes::new().set_modified(system_time(mtime)))
+        .map_err(|e| path_io(path, e))?;
+    // A flusher's error is this file's (Linux reports it once).
+    if let Some(f) = flusher.take() {
+        f.finish().map_err(|e| path_io(path, e))?;
+    }
+    let m = file.metadata().map_err(|e| path_io(path, e))?;
+    // A file system that clamps the time (ext4 stops at 2446) would leave
+    // a file that never matches the version: say so now.
+    if indexer::mtime_of(&m) != mtime {
+        return Err(MaterializeError::PathRejected {
+            path: path.to_string(),
+            reason: format!(
+                "the file system stored modification time {}.{:09} instead of {}.{:09}",
+                m.mtime(),
+                m.mtime_nsec(),
+                mtime.secs,
+                mtime.nanos
+            ),
+        });
+    }
+    if let Some(chunks) = known {
+        // Counted now: the budget bounds what staged files hold too.
+        report.known_chunks += chunks.len();
+        staged.known = Some(KnownFile {
+            size,
+            mtime: indexer::mtime_of(&m),
+            inode: m.ino(),
+            dev: m.dev(),
+            chunks,
+        });
+    }
+    Ok(staged)
 }
 
 fn fetch_verified(

@@ -532,3 +532,91 @@ fn a_clamped_mtime_is_an_error_naming_the_path() {
         "a file or temp was left"
     );
 }
+
+/// Serves the first `left` chunks asked for, then nothing.
+struct RunsOut<'a> {
+    inner: &'a dyn ChunkSource,
+    left: Cell<u32>,
+}
+
+impl ChunkSource for RunsOut<'_> {
+    fn read_chunk(&self, c: &ChunkEntry) -> io::Result<Option<Bytes>> {
+        if self.left.get() == 0 {
+            return Ok(None);
+        }
+        self.left.set(self.left.get() - 1);
+        self.inner.read_chunk(c)
+    }
+}
+
+/// Every file under `root`, relative, and whether any temp is left.
+fn files_under(root: &Path) -> (Vec<String>, bool) {
+    let (mut files, mut temps) = (Vec::new(), false);
+    for d in fs::read_dir(root).unwrap() {
+        let d = d.unwrap().path();
+        for f in fs::read_dir(&d).unwrap() {
+            let name = f.unwrap().file_name().into_string().unwrap();
+            temps |= name.starts_with(TMP_PREFIX);
+            let dir = d.file_name().unwrap().to_str().unwrap();
+            files.push(format!("{dir}/{name}"));
+        }
+    }
+    (files, temps)
+}
+
+#[test]
+fn small_files_are_committed_in_batches_and_an_error_keeps_the_complete_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = side(tmp.path(), "src");
+    let dst = side(tmp.path(), "dst");
+    // One chunk each (smaller than the minimum chunk), spread over three
+    // directories: two full batches' worth and some.
+    for i in 0..700u64 {
+        write(
+            &src.root,
+            &format!("d{}/f{i:04}", i % 3),
+            &pseudo_random(3000, 1001 + 2 * i),
+        );
+    }
+    let diff = scan_and_diff(&src, &dst, || {});
+    let remote = chunks_of(&src);
+    let runs_out = RunsOut {
+        inner: &remote,
+        left: Cell::new(500),
+    };
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let err = apply(
+        &dst.root,
+        &diff,
+        &src.store,
+        &[&runs_out],
+        &InFlight::default(),
+        &done,
+        ApplyOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, MaterializeError::ChunkUnavailable { .. }),
+        "{err}"
+    );
+    // The 500 files written before the source ran out are in place (one
+    // batch committed when full, the rest when the error stopped the
+    // writing), whole; no temp is left; progress counted each once.
+    let (files, temps) = files_under(&dst.root);
+    assert_eq!(files.len(), 500);
+    assert!(!temps, "a temp file was left behind");
+    assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), 500);
+    for f in &files {
+        assert_eq!(
+            fs::read(dst.root.join(f)).unwrap(),
+            fs::read(src.root.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // The next pull brings the other 200, recorded for the index.
+    let (report, _, from_src) = sync(&src, &dst);
+    assert_eq!(report.files_written, 200);
+    assert_eq!(report.known.len(), 200);
+    assert_eq!(from_src, 200 * 3000);
+    assert_same_tree(&src.root, &dst.root);
+}
