@@ -440,7 +440,19 @@ async fn worker(shared: Arc<Shared>, peer: usize, source: Arc<dyn ChunkPeer>, se
             let bytes = batch.chunks.iter().map(|c| u64::from(c.len)).sum();
             h.gate.download(bytes, a).await;
         }
+        let asked_at = std::time::Instant::now();
         let result = source.fetch(batch.chunks.clone(), batch.insist).await;
+        if let Ok(got) = &result {
+            tracing::trace!(
+                peer = source.name(),
+                asked = batch.chunks.len(),
+                got = got.chunks.len(),
+                declined = got.declined.len(),
+                insist = batch.insist,
+                took_ms = asked_at.elapsed().as_millis() as u64,
+                "call answered"
+            );
+        }
         match result {
             Err(FetchError::Busy(e)) if busy < MAX_BUSY => {
                 // Not this peer's fault: hand the batch back untried and

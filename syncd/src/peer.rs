@@ -145,6 +145,10 @@ impl PeerHandler for PeerService {
         let Some(log) = self.node.have_log(&r.dir).filter(|l| l.root == root) else {
             return Ok(reply(false, true, r.since, Vec::new()));
         };
+        // Both receive this version: the caller can feed us too.
+        if !r.requester.is_empty() {
+            self.node.fleet.saw_receiver(&r.requester, &r.dir, &r.root);
+        }
         let wait = Duration::from_millis(r.wait_ms.into()).min(crate::haves::MAX_HAVES_WAIT);
         log.wait_beyond(r.since, wait).await;
         let (hashes, next) = log.since(r.since);

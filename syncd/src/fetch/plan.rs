@@ -10,7 +10,8 @@
 //!   give, inside the read-ahead window, those in the window's front
 //!   quarter go first; within it, those the fewest tracked peers hold;
 //!   ties are broken at random (seeded), so receivers fetch different
-//!   chunks and have something to trade.
+//!   chunks and have something to trade. From a full holder, a receiver
+//!   takes its rack share (see below) of a stripe before the rest.
 //! - **Origin protection.** A full holder is asked only for chunks no
 //!   tracked peer holds. When it leaves one out (it served that chunk to
 //!   another receiver a moment ago and expects it to spread), the chunk
@@ -339,8 +340,8 @@ impl Plan {
         let window_end = self.consumed.saturating_add(cfg.ahead_bytes);
         let endgame = self.remaining <= cfg.endgame_bytes;
         // (rank key, index): open before asked, the window's front stripe
-        // first, rarest first within it, random ties.
-        let mut candidates: Vec<(u32, u64, u32, u64, usize)> = Vec::new();
+        // first, this node's share first, rarest first, random ties.
+        let mut candidates: Vec<(u32, u64, u32, u32, u64, usize)> = Vec::new();
         let stripe_bytes = (cfg.ahead_bytes / STRIPES).max(1);
         let stripe = |start: u64| start.saturating_sub(self.consumed) / stripe_bytes;
         // Nearest first: a lower-ranked peer starts new work only while
@@ -410,19 +411,28 @@ impl Plan {
                     let spared = w
                         .nearest()
                         .is_some_and(|t| if full { t <= tier } else { t < tier });
+                    let others = self
+                        .share
+                        .is_some_and(|(k, r)| share_of(&w.entry.hash, r) != k);
                     // Another rack-mate's share, fetched across by it.
-                    let theirs = tier > 0
-                        && !endgame
-                        && self.waiting != Some(i)
-                        && self
-                            .share
-                            .is_some_and(|(k, r)| share_of(&w.entry.hash, r) != k);
+                    let theirs = tier > 0 && !endgame && self.waiting != Some(i) && others;
                     let spared = spared || theirs;
                     if !spared {
                         usable_bytes += u64::from(w.entry.len);
                         usable_chunks += 1;
                     }
-                    candidates.push((u32::from(spared), here, w.holders(), self.rng.random(), i));
+                    // From a near full holder, this node's share first:
+                    // rack-mates then seldom ask the origin for the same
+                    // chunk at once (it would leave the second ask out).
+                    let later = u32::from(full && others);
+                    candidates.push((
+                        u32::from(spared),
+                        here,
+                        later,
+                        w.holders(),
+                        self.rng.random(),
+                        i,
+                    ));
                 }
                 State::Asked(by, since)
                     if endgame
@@ -430,7 +440,7 @@ impl Plan {
                         && !by.contains(&peer)
                         && now.duration_since(*since) >= cfg.endgame_after =>
                 {
-                    candidates.push((2, here, w.holders(), self.rng.random(), i));
+                    candidates.push((2, here, 0, w.holders(), self.rng.random(), i));
                 }
                 _ => {}
             }
@@ -448,7 +458,7 @@ impl Plan {
             insist: false,
         };
         let mut bytes = 0u64;
-        for &(class, _, _, _, i) in &candidates {
+        for &(class, _, _, _, _, i) in &candidates {
             let reserved = || better.iter().any(|q| !self.wants[i].tried.contains(q));
             if class == 1 || (class == 0 && !may_start && reserved()) {
                 // A receiver has it and will serve it; or a nearer peer

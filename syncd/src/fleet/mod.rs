@@ -37,6 +37,7 @@ pub mod gossip;
 pub mod membership;
 pub mod peer;
 mod peers;
+mod receivers;
 
 pub use membership::{Ident, Liveness, Members, Swim};
 
@@ -112,6 +113,9 @@ pub struct FleetView {
     /// Woken when there is something to push.
     pushed: Notify,
     pub swim: OnceLock<Swim>,
+    /// Peers seen polling this node's have-logs (receivers not yet known
+    /// from their records).
+    receivers: Mutex<receivers::Receivers>,
 }
 
 impl std::fmt::Debug for FleetView {
@@ -160,6 +164,7 @@ impl FleetView {
             learned: Notify::new(),
             pushed: Notify::new(),
             swim: OnceLock::new(),
+            receivers: Mutex::default(),
         };
         let record = {
             let t = view.table.get_mut().expect("new");
@@ -430,12 +435,46 @@ impl FleetView {
                 })
             })
             .collect();
+        // Receivers seen first-hand whose records have not come yet.
+        for id in self.receivers.locked().of(&v.dir, &v.root) {
+            if out.iter().any(|h| &h.id == id) {
+                continue;
+            }
+            if let Some(p) = t.peers.get(id).filter(|p| p.live()) {
+                out.push(Holder {
+                    id: id.clone(),
+                    address: p.address.clone(),
+                    class: PeerClass::of(&self.labels, &p.labels),
+                    partial: true,
+                });
+            }
+        }
         drop(t);
         // From the peers' (stable) order, so the seeded shuffle is
         // reproducible.
         self.env.shuffle(&mut out);
         out.sort_by_key(|h| (h.partial, h.class));
         out
+    }
+
+    /// Notes that `peer` polled this node's have-log for `dir` at `root`:
+    /// it receives that version, and transfers of it may use it at once
+    /// ([`FleetView::holders`]) rather than after its record arrives.
+    /// Only live members count; everything it sends is verified anyway.
+    pub fn saw_receiver(&self, peer: &str, dir: &str, root: &[u8]) {
+        if peer == self.id
+            || !self
+                .table
+                .locked()
+                .peers
+                .get(peer)
+                .is_some_and(|p| p.live())
+        {
+            return;
+        }
+        if self.receivers.locked().saw(peer, dir, root) {
+            self.learned.notify_waiters();
+        }
     }
 
     /// The class of peer `id` as seen from here.

@@ -301,3 +301,48 @@ async fn a_peer_of_another_protocol_is_refused_clearly() {
     assert!(e.message().contains("protocol 1"), "{e}");
     assert!(!views[0].peers().iter().any(|(id, _)| id == "old"));
 }
+
+/// A live member seen polling for a version is a receiver of it before its
+/// record says so; a stranger, or a poll for another version, is not.
+#[tokio::test(start_paused = true)]
+async fn a_peer_polling_for_a_version_is_taken_as_its_receiver() {
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        3,
+    );
+    v.member(
+        &Ident {
+            address: "10.0.0.2:7400".into(),
+            node_id: "n2".into(),
+            bump: 1,
+        },
+        Liveness::Alive,
+    );
+    let version = pb::DirVersion {
+        dir: "www".into(),
+        version: 7,
+        root: vec![7; 32],
+        ..Default::default()
+    };
+    assert!(v.holders(&version).is_empty());
+    v.saw_receiver("stranger", "www", &[7; 32]);
+    v.saw_receiver("n2", "www", &[8; 32]);
+    assert!(v.holders(&version).is_empty());
+    let learned = v.learned.notified();
+    tokio::pin!(learned);
+    learned.as_mut().enable();
+    v.saw_receiver("n2", "www", &[7; 32]);
+    let holders = v.holders(&version);
+    assert_eq!(holders.len(), 1);
+    assert_eq!(
+        (holders[0].id.as_str(), holders[0].address.as_str()),
+        ("n2", "10.0.0.2:7400")
+    );
+    assert!(holders[0].partial);
+    // Transfers waiting for sources are woken.
+    tokio::time::timeout(Duration::from_millis(1), learned)
+        .await
+        .expect("saw_receiver wakes discovery");
+}

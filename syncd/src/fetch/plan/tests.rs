@@ -391,3 +391,31 @@ async fn a_rack_mate_fetches_only_its_share_from_afar() {
     assert_eq!(got, vec![other.hash], "the waited-for chunk is fetched");
     assert!(!plan.is_ready(i));
 }
+
+/// From a full holder in its own rack, a receiver takes its share of the
+/// front stripe first (rack-mates then seldom ask the origin for the same
+/// chunk at once), and the rest after: a preference, never a filter.
+#[tokio::test(start_paused = true)]
+async fn from_a_near_full_holder_a_rack_mate_takes_its_share_first() {
+    let c = chunks(16);
+    let mut plan = Plan::new(&c, cfg(), 9);
+    let origin = plan.add_peer_at(true, 0);
+    plan.set_rack_share(0, 2);
+    let now = Instant::now();
+    let mine = c.iter().filter(|x| share_of(&x.hash, 2) == 0).count();
+    assert!((4..16).contains(&mine), "{mine} of 16 in this share");
+    let mut asked = Vec::new();
+    while let Take::Fetch(b) = plan.take(origin, now) {
+        asked.extend(hashes(&b));
+    }
+    // Two calls in flight of four chunks each: this node's share first.
+    assert_eq!(asked.len(), 8);
+    let n = mine.min(asked.len());
+    assert!(
+        asked[..n].iter().all(|h| share_of(h, 2) == 0),
+        "another's share asked before this node's own"
+    );
+    if mine < 8 {
+        assert!(asked[n..].iter().all(|h| share_of(h, 2) != 0));
+    }
+}
