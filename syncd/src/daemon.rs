@@ -89,7 +89,11 @@ pub async fn run(
         Arc::new(Env::from_entropy()),
         Metrics::new().context("registering metrics")?,
     ));
-    let node = Arc::new(LocalNode::new(store, fleet.clone()).with_caps(config.node.limits.caps()));
+    let node = Arc::new(
+        LocalNode::new(store, fleet.clone())
+            .with_caps(config.node.limits.caps())
+            .with_serve(config.node.serve),
+    );
     let daemon = Arc::new(Daemon {
         node: node.clone(),
         dirs: Arc::new(Registry::default()),

@@ -28,6 +28,7 @@ pub const MAX_HAVES_WAIT: Duration = Duration::from_secs(2);
 /// Received chunk bytes a transfer keeps in memory for serving.
 const MEM_BYTES: usize = 64 << 20;
 /// How long a chunk sent to one receiver is declined to others.
+/// The default spread window (see [`Served`]).
 pub const SERVED_TTL: Duration = Duration::from_secs(3);
 /// Chunks remembered as served, per directory (≈ 64 B each).
 const MAX_SERVED: usize = 1 << 18;
@@ -104,9 +105,18 @@ impl HaveLog {
 }
 
 /// Chunks a full holder sent recently, per directory and version.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Served {
     dirs: Mutex<HashMap<String, ServedDir>>,
+    /// How long a chunk sent to one receiver is left out for others
+    /// (`[serve] spread_window`; zero: never).
+    ttl: Duration,
+}
+
+impl Default for Served {
+    fn default() -> Self {
+        Served::new(SERVED_TTL)
+    }
 }
 
 #[derive(Debug)]
@@ -116,10 +126,21 @@ struct ServedDir {
 }
 
 impl Served {
+    pub fn new(ttl: Duration) -> Served {
+        Served {
+            dirs: Mutex::default(),
+            ttl,
+        }
+    }
+
     /// Of `hashes` (of version `root` of `dir`), those to leave out for
     /// `requester` because another receiver got them in the last
-    /// [`SERVED_TTL`]; the others count as sent to `requester` now.
+    /// spread window; the others count as sent to `requester` now.
     pub fn decline(&self, dir: &str, root: Hash, requester: &str, hashes: &[Hash]) -> Vec<bool> {
+        if self.ttl.is_zero() {
+            return vec![false; hashes.len()];
+        }
+        let ttl = self.ttl;
         let now = tokio::time::Instant::now();
         let mut dirs = self.dirs.locked();
         let d = dirs.entry(dir.to_string()).or_insert_with(|| ServedDir {
@@ -131,8 +152,7 @@ impl Served {
             d.sent.clear();
         }
         if d.sent.len() + hashes.len() > MAX_SERVED {
-            d.sent
-                .retain(|_, (_, at)| now.duration_since(*at) < SERVED_TTL);
+            d.sent.retain(|_, (_, at)| now.duration_since(*at) < ttl);
             if d.sent.len() + hashes.len() > MAX_SERVED {
                 d.sent.clear();
             }
@@ -140,7 +160,7 @@ impl Served {
         hashes
             .iter()
             .map(|h| match d.sent.get(h) {
-                Some((to, at)) if to != requester && now.duration_since(*at) < SERVED_TTL => true,
+                Some((to, at)) if to != requester && now.duration_since(*at) < ttl => true,
                 _ => {
                     d.sent.insert(*h, (requester.to_string(), now));
                     false
@@ -219,5 +239,20 @@ mod tests {
         assert_eq!(s.decline("www", h(0), "r2", &[a]), vec![false]);
         // A new version starts afresh.
         assert_eq!(s.decline("www", h(9), "r3", &[a]), vec![false]);
+    }
+
+    /// `[serve] spread_window` sets the window; zero turns it off.
+    #[tokio::test(start_paused = true)]
+    async fn the_spread_window_is_configurable() {
+        let a = h(1);
+        let short = Served::new(Duration::from_millis(500));
+        assert_eq!(short.decline("www", h(0), "r1", &[a]), vec![false]);
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert_eq!(short.decline("www", h(0), "r2", &[a]), vec![true]);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(short.decline("www", h(0), "r2", &[a]), vec![false]);
+        let off = Served::new(Duration::ZERO);
+        assert_eq!(off.decline("www", h(0), "r1", &[a]), vec![false]);
+        assert_eq!(off.decline("www", h(0), "r2", &[a]), vec![false]);
     }
 }

@@ -44,6 +44,8 @@ pub struct LocalNode {
     haves: Mutex<HashMap<String, Arc<HaveLog>>>,
     /// Chunks this node sent as a full holder (origin protection).
     pub served: Served,
+    /// `[serve]` limits (the peer service admits streams by them).
+    pub serve: crate::config::ServeSection,
     /// Carried directories by id: what peers may ask chunks of.
     roots: RwLock<BTreeMap<String, PathBuf>>,
     pub scan_slots: Arc<Semaphore>,
@@ -69,6 +71,7 @@ impl LocalNode {
             in_flight: Mutex::new(HashMap::new()),
             haves: Mutex::new(HashMap::new()),
             served: Served::default(),
+            serve: Default::default(),
             roots: RwLock::new(BTreeMap::new()),
             scan_slots: Arc::new(Semaphore::new(SCAN_SLOTS)),
             transfer_slots: Arc::new(Semaphore::new(TRANSFER_SLOTS)),
@@ -84,6 +87,13 @@ impl LocalNode {
     /// This node with bandwidth caps (`[limits]` in `syncd.toml`).
     pub fn with_caps(mut self, caps: Caps) -> LocalNode {
         self.bandwidth = Arc::new(Bandwidth::new(caps));
+        self
+    }
+
+    /// Serving limits and origin protection from `[serve]`.
+    pub fn with_serve(mut self, serve: crate::config::ServeSection) -> LocalNode {
+        self.served = Served::new(serve.spread_window);
+        self.serve = serve;
         self
     }
 

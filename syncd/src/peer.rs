@@ -64,8 +64,11 @@ pub struct PeerService {
 impl PeerService {
     pub fn new(node: Arc<LocalNode>) -> PeerService {
         PeerService {
+            serving: Arc::new(Serving::new(
+                node.serve.streams,
+                node.serve.streams_per_peer,
+            )),
             node,
-            serving: Arc::new(Serving::default()),
         }
     }
 

@@ -315,3 +315,41 @@ fn limits_and_priorities() {
         .err();
     assert!(e.contains("a.toml") && e.contains("urgent"), "{e}");
 }
+
+/// `[serve]`: defaults when absent, values when given, and out-of-range
+/// values refused with the file and line.
+#[test]
+fn serving_limits_and_origin_protection() {
+    let c = Files::new(NODE).load().unwrap();
+    assert_eq!(c.node.serve, ServeSection::default());
+    assert_eq!(c.node.serve.streams, 32);
+    assert_eq!(c.node.serve.spread_window, Duration::from_secs(3));
+    let node = format!(
+        "{NODE}[serve]\nstreams = 64\nstreams_per_peer = 2\nspread_window = \"500ms\"\n"
+    );
+    let c = Files::new(&node).load().unwrap();
+    assert_eq!(
+        c.node.serve,
+        ServeSection {
+            streams: 64,
+            streams_per_peer: 2,
+            spread_window: Duration::from_millis(500),
+        }
+    );
+    let off = format!("{NODE}[serve]\nspread_window = \"0s\"\n");
+    assert!(Files::new(&off).load().unwrap().node.serve.spread_window.is_zero());
+    for (text, want) in [
+        ("streams = 0\n", "syncd.toml:14: serve streams must be 1 to 1024"),
+        (
+            "streams = 4\nstreams_per_peer = 8\n",
+            "syncd.toml:15: serve streams_per_peer must be 1 to streams (4)",
+        ),
+        (
+            "spread_window = \"2m\"\n",
+            "syncd.toml:14: serve spread_window must be at most 60s",
+        ),
+    ] {
+        let e = Files::new(&format!("{NODE}[serve]\n{text}")).err();
+        assert!(e.contains(want), "{e}");
+    }
+}

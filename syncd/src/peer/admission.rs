@@ -7,11 +7,11 @@ use std::sync::Arc;
 use crate::error::Refusal;
 use crate::locks::LockExt as _;
 
-/// `GetChunks` streams served at once, in total and per peer address. Each
-/// holds at most one batch being read and one queued (≤ 2 × 4 MiB), so
-/// serving takes at most ~256 MiB and 32 blocking reads however many
-/// requests arrive; more are refused with `RESOURCE_EXHAUSTED` and the
-/// caller asks another peer.
+/// `GetChunks` streams served at once, in total and per peer address, by
+/// default (`[serve] streams`, `streams_per_peer`). Each holds at most one
+/// batch being read and one queued (≤ 2 × 4 MiB), so serving takes at most
+/// ~256 MiB and 32 blocking reads however many requests arrive; more are
+/// refused with `RESOURCE_EXHAUSTED` and the caller asks another peer.
 pub const MAX_STREAMS: usize = 32;
 pub const MAX_STREAMS_PER_PEER: usize = 8;
 /// A stream whose reader takes no batch for this long is closed.
@@ -23,6 +23,8 @@ pub const MAX_NODE_CALLS: usize = 16;
 /// peers never take the threads and memory local work needs.
 #[derive(Debug)]
 pub struct Serving {
+    /// The stream limits, for refusals.
+    max: (usize, usize),
     streams: Arc<tokio::sync::Semaphore>,
     per_peer: PerPeer,
     nodes: Arc<tokio::sync::Semaphore>,
@@ -61,12 +63,7 @@ pub const MAX_NODE_CALLS_PER_PEER: usize = 4;
 
 impl Default for Serving {
     fn default() -> Self {
-        Serving {
-            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            per_peer: PerPeer::new(MAX_STREAMS_PER_PEER),
-            nodes: Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CALLS)),
-            nodes_per_peer: PerPeer::new(MAX_NODE_CALLS_PER_PEER),
-        }
+        Serving::new(MAX_STREAMS, MAX_STREAMS_PER_PEER)
     }
 }
 
@@ -77,24 +74,38 @@ pub(super) type StreamPermits = (
 );
 
 impl Serving {
+    /// At most `streams` chunk streams at once, `per_peer` of them to one
+    /// address.
+    pub fn new(streams: usize, per_peer: usize) -> Serving {
+        Serving {
+            max: (streams, per_peer),
+            streams: Arc::new(tokio::sync::Semaphore::new(streams)),
+            per_peer: PerPeer::new(per_peer),
+            nodes: Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CALLS)),
+            nodes_per_peer: PerPeer::new(MAX_NODE_CALLS_PER_PEER),
+        }
+    }
+
     pub(super) fn admit_stream(
         &self,
         peer: Option<std::net::IpAddr>,
     ) -> Result<StreamPermits, Refusal> {
         let busy =
             |what: &str| Refusal::Busy(format!("serving {what}; ask another peer or retry later"));
-        let per =
-            match peer {
-                Some(ip) => Some(self.per_peer.of(ip).try_acquire_owned().map_err(|_| {
-                    busy(&format!("{MAX_STREAMS_PER_PEER} streams to {ip} already"))
-                })?),
-                None => None,
-            };
+        let per = match peer {
+            Some(ip) => Some(
+                self.per_peer
+                    .of(ip)
+                    .try_acquire_owned()
+                    .map_err(|_| busy(&format!("{} streams to {ip} already", self.max.1)))?,
+            ),
+            None => None,
+        };
         let total = self
             .streams
             .clone()
             .try_acquire_owned()
-            .map_err(|_| busy(&format!("{MAX_STREAMS} streams already")))?;
+            .map_err(|_| busy(&format!("{} streams already", self.max.0)))?;
         Ok((total, per))
     }
 
@@ -125,3 +136,26 @@ impl Serving {
 }
 
 pub(super) type NodePermits = StreamPermits;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[serve] streams` and `streams_per_peer` bound what is admitted;
+    /// a refusal says which limit, and a permit given back frees a turn.
+    #[test]
+    fn stream_limits_are_the_configured_ones() {
+        let s = Serving::new(3, 2);
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        let first = s.admit_stream(Some(a)).unwrap();
+        let _second = s.admit_stream(Some(a)).unwrap();
+        let e = s.admit_stream(Some(a)).unwrap_err().to_string();
+        assert!(e.contains("2 streams to 10.0.0.1 already"), "{e}");
+        let _third = s.admit_stream(Some(b)).unwrap();
+        let e = s.admit_stream(Some(b)).unwrap_err().to_string();
+        assert!(e.contains("3 streams already"), "{e}");
+        drop(first);
+        s.admit_stream(Some(b)).unwrap();
+    }
+}
