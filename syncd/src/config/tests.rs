@@ -324,9 +324,8 @@ fn serving_limits_and_origin_protection() {
     assert_eq!(c.node.serve, ServeSection::default());
     assert_eq!(c.node.serve.streams, 32);
     assert_eq!(c.node.serve.spread_window, Duration::from_secs(3));
-    let node = format!(
-        "{NODE}[serve]\nstreams = 64\nstreams_per_peer = 2\nspread_window = \"500ms\"\n"
-    );
+    let node =
+        format!("{NODE}[serve]\nstreams = 64\nstreams_per_peer = 2\nspread_window = \"500ms\"\n");
     let c = Files::new(&node).load().unwrap();
     assert_eq!(
         c.node.serve,
@@ -337,9 +336,20 @@ fn serving_limits_and_origin_protection() {
         }
     );
     let off = format!("{NODE}[serve]\nspread_window = \"0s\"\n");
-    assert!(Files::new(&off).load().unwrap().node.serve.spread_window.is_zero());
+    assert!(
+        Files::new(&off)
+            .load()
+            .unwrap()
+            .node
+            .serve
+            .spread_window
+            .is_zero()
+    );
     for (text, want) in [
-        ("streams = 0\n", "syncd.toml:14: serve streams must be 1 to 1024"),
+        (
+            "streams = 0\n",
+            "syncd.toml:14: serve streams must be 1 to 1024",
+        ),
         (
             "streams = 4\nstreams_per_peer = 8\n",
             "syncd.toml:15: serve streams_per_peer must be 1 to streams (4)",

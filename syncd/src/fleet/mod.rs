@@ -37,7 +37,7 @@ pub mod gossip;
 pub mod membership;
 pub mod peer;
 mod peers;
-mod receivers;
+mod sources;
 
 pub use membership::{Ident, Liveness, Members, Swim};
 
@@ -115,7 +115,7 @@ pub struct FleetView {
     pub swim: OnceLock<Swim>,
     /// Peers seen polling this node's have-logs (receivers not yet known
     /// from their records).
-    receivers: Mutex<receivers::Receivers>,
+    receivers: Mutex<sources::Receivers>,
 }
 
 impl std::fmt::Debug for FleetView {
@@ -405,76 +405,6 @@ impl FleetView {
     pub fn newest(&self, dir: &str) -> Option<pb::DirVersion> {
         let t = self.table.locked();
         self.newest_locked(&t, dir).cloned()
-    }
-
-    /// Live peers holding `v` (then those receiving it), nearest first
-    /// and otherwise in random order, so a fleet does not pile onto one
-    /// peer.
-    pub fn holders(&self, v: &pb::DirVersion) -> Vec<Holder> {
-        let same = |x: Option<&pb::DirVersion>| {
-            x.is_some_and(|x| x.version == v.version && x.root == v.root)
-        };
-        let t = self.table.locked();
-        let mut out: Vec<Holder> = t
-            .peers
-            .iter()
-            .filter(|(_, p)| p.live())
-            .filter_map(|(id, p)| {
-                let partial = if same(p.held(&v.dir)) {
-                    false
-                } else if same(p.pulling(&v.dir)) {
-                    true
-                } else {
-                    return None;
-                };
-                Some(Holder {
-                    id: id.clone(),
-                    address: p.address.clone(),
-                    class: PeerClass::of(&self.labels, &p.labels),
-                    partial,
-                })
-            })
-            .collect();
-        // Receivers seen first-hand whose records have not come yet.
-        for id in self.receivers.locked().of(&v.dir, &v.root) {
-            if out.iter().any(|h| &h.id == id) {
-                continue;
-            }
-            if let Some(p) = t.peers.get(id).filter(|p| p.live()) {
-                out.push(Holder {
-                    id: id.clone(),
-                    address: p.address.clone(),
-                    class: PeerClass::of(&self.labels, &p.labels),
-                    partial: true,
-                });
-            }
-        }
-        drop(t);
-        // From the peers' (stable) order, so the seeded shuffle is
-        // reproducible.
-        self.env.shuffle(&mut out);
-        out.sort_by_key(|h| (h.partial, h.class));
-        out
-    }
-
-    /// Notes that `peer` polled this node's have-log for `dir` at `root`:
-    /// it receives that version, and transfers of it may use it at once
-    /// ([`FleetView::holders`]) rather than after its record arrives.
-    /// Only live members count; everything it sends is verified anyway.
-    pub fn saw_receiver(&self, peer: &str, dir: &str, root: &[u8]) {
-        if peer == self.id
-            || !self
-                .table
-                .locked()
-                .peers
-                .get(peer)
-                .is_some_and(|p| p.live())
-        {
-            return;
-        }
-        if self.receivers.locked().saw(peer, dir, root) {
-            self.learned.notify_waiters();
-        }
     }
 
     /// The class of peer `id` as seen from here.

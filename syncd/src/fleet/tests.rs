@@ -346,3 +346,54 @@ async fn a_peer_polling_for_a_version_is_taken_as_its_receiver() {
         .await
         .expect("saw_receiver wakes discovery");
 }
+
+/// Sources are ordered by topology tier, then by measured round trip
+/// (unmeasured last), whatever the seed: a weight on the order, never a
+/// filter.
+#[tokio::test(start_paused = true)]
+async fn holders_are_ordered_by_tier_then_measured_round_trip() {
+    let rack = |r: &str| -> std::collections::HashMap<String, String> {
+        [("region", "eu"), ("zone", "a"), ("rack", r)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    for seed in 0..16 {
+        let v = Arc::new(FleetView::new(
+            "n1".into(),
+            "10.0.0.1:7400".into(),
+            rack("r1").into_iter().collect(),
+            1,
+            vec![],
+            Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+            Arc::new(Env::seeded(seed)),
+            Metrics::new().unwrap(),
+        ));
+        for (id, r) in [
+            ("near-slow", "r1"),
+            ("far-fast", "r9"),
+            ("far-slow", "r9"),
+            ("far-new", "r9"),
+        ] {
+            assert!(
+                v.learn(record(id, 1, rack(r), vec!["www"]), Via::Direct)
+                    .unwrap()
+            );
+        }
+        v.measured("near-slow", Duration::from_millis(20));
+        v.measured("far-fast", Duration::from_micros(400));
+        v.measured("far-slow", Duration::from_millis(9));
+        let version = pb::DirVersion {
+            dir: "www".into(),
+            version: 1,
+            root: vec![1; 32],
+            ..Default::default()
+        };
+        let order: Vec<String> = v.holders(&version).into_iter().map(|h| h.id).collect();
+        assert_eq!(
+            order,
+            ["near-slow", "far-fast", "far-slow", "far-new"],
+            "seed {seed}"
+        );
+    }
+}
