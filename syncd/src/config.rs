@@ -59,6 +59,10 @@ pub struct NodeFile {
     /// How much this node serves at once, and origin protection.
     #[serde(default)]
     pub serve: ServeSection,
+    /// Mutual TLS under the fleet CA (`ca`, `cert`, `key`: PEM files,
+    /// relative to this file's directory). Absent: the peer port is plain
+    /// and unauthenticated.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// `[serve]`: how many chunk streams this node serves at once (in all and
@@ -444,7 +448,7 @@ impl Config {
     /// validates everything. The first error wins.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = read(file)?;
-        let node: NodeFile = parse(file, &text)?;
+        let mut node: NodeFile = parse(file, &text)?;
         let invalid = |span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
             path: file.to_path_buf(),
             line: line_of(&text, span),
@@ -540,6 +544,17 @@ impl Config {
         };
         node.limits.check(file, &text)?;
         node.serve.check(file, &text)?;
+        if let Some(t) = &mut node.tls {
+            let base = file.parent().unwrap_or(Path::new("."));
+            for p in [&mut t.ca, &mut t.cert, &mut t.key] {
+                *p = base.join(&*p);
+            }
+            crate::tls::check(t, node.node.id.get_ref()).map_err(|e| ConfigError::Invalid {
+                path: file.to_path_buf(),
+                line: section_line(&text, "tls", "cert"),
+                message: format!("[tls]: {e}"),
+            })?;
+        }
         let dirs = load_dirs(file, n.state_dir.get_ref())?;
         Ok(Config {
             file: file.to_path_buf(),

@@ -58,6 +58,7 @@ pub mod metrics;
 pub mod peer;
 pub mod sdnotify;
 pub mod sim;
+pub mod tls;
 pub mod topology;
 pub mod transport;
 pub mod wire;

@@ -42,6 +42,39 @@ enum Command {
         #[arg(long, default_value = syncd::config::DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// The fleet's certificate authority: create it, issue node
+    /// certificates for mutual TLS (`[tls]` in syncd.toml).
+    Pki {
+        #[command(subcommand)]
+        command: Pki,
+    },
+}
+
+#[derive(Subcommand)]
+enum Pki {
+    /// Create the fleet CA: ca.pem (give to every node) and ca.key (keep
+    /// it off the fleet). Never overwrites.
+    Init {
+        #[arg(long, default_value = "/etc/syncd/pki")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "syncd fleet CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate for a node: OUT/NODE_ID.pem and OUT/NODE_ID.key
+    /// (0600). The certificate names the node; it serves and dials with it.
+    Issue {
+        node_id: String,
+        /// The directory `pki init` wrote.
+        #[arg(long, default_value = "/etc/syncd/pki")]
+        ca_dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +155,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.dirs.len(),
                 if c.dirs.len() == 1 { "y" } else { "ies" }
             );
+            match &c.node.tls {
+                Some(t) => println!(
+                    "  tls: certificate {} for {:?}, {:.0} days left",
+                    t.cert.display(),
+                    c.node.node.id.get_ref(),
+                    syncd::tls::check(t, c.node.node.id.get_ref())?
+                ),
+                None => println!("  tls: off (the peer port is not authenticated)"),
+            }
             for (id, (file, d)) in &c.dirs {
                 println!(
                     "  {id:<16} {:<8} {}  ({})",
@@ -130,6 +172,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     file.display()
                 );
             }
+        }
+        Command::Pki {
+            command: Pki::Init { dir, name, days },
+        } => {
+            let (cert, key) = syncd::tls::pki::init(&dir, &name, days)?;
+            println!(
+                "created the fleet CA: {} (copy to every node), {} (keep it off the fleet)",
+                cert.display(),
+                key.display()
+            );
+        }
+        Command::Pki {
+            command:
+                Pki::Issue {
+                    node_id,
+                    ca_dir,
+                    days,
+                    out,
+                },
+        } => {
+            let (cert, key) = syncd::tls::pki::issue(&ca_dir, &node_id, days, &out)?;
+            println!(
+                "issued {node_id:?} for {days} days: {} and {} (for [tls] cert and key on {node_id})",
+                cert.display(),
+                key.display()
+            );
         }
     }
     Ok(())

@@ -363,3 +363,32 @@ fn serving_limits_and_origin_protection() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+/// `[tls]`: paths relative to syncd.toml; the files are checked at load
+/// (the certificate must name this node), errors name syncd.toml's line
+/// and the certificate file.
+#[test]
+fn tls_files_are_checked_at_load() {
+    let node = format!(
+        "{NODE}[tls]\nca = \"pki/ca.pem\"\ncert = \"certs/web-01.pem\"\nkey = \"certs/web-01.key\"\n"
+    );
+    let f = Files::new(&node);
+    let base = f.0.path();
+    let e = f.err();
+    assert!(
+        e.contains("syncd.toml:15: [tls]") && e.contains("ca.pem: cannot read"),
+        "{e}"
+    );
+    crate::tls::pki::init(&base.join("pki"), "test CA", 30).unwrap();
+    crate::tls::pki::issue(&base.join("pki"), "web-01", 30, &base.join("certs")).unwrap();
+    crate::tls::pki::issue(&base.join("pki"), "web-02", 30, &base.join("certs")).unwrap();
+    let c = f.load().unwrap();
+    assert_eq!(c.node.tls.unwrap().cert, base.join("certs/web-01.pem"));
+    let other = node.replace("certs/web-01.", "certs/web-02.");
+    std::fs::write(base.join("syncd.toml"), other).unwrap();
+    let e = f.err();
+    assert!(
+        e.contains("web-02.pem: the certificate is for node \"web-02\", this node is \"web-01\""),
+        "{e}"
+    );
+}

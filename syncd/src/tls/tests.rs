@@ -1,0 +1,91 @@
+use super::*;
+
+fn fleet(dir: &Path) -> PathBuf {
+    let ca = dir.join("ca");
+    pki::init(&ca, "test fleet CA", 30).unwrap();
+    ca
+}
+
+fn files(ca: &Path, certs: &Path, id: &str) -> TlsFiles {
+    TlsFiles {
+        ca: pki::ca_files(ca).0,
+        cert: certs.join(format!("{id}.pem")),
+        key: certs.join(format!("{id}.key")),
+    }
+}
+
+/// `pki init` and `pki issue` make a CA and node certificates that load,
+/// name their node and expire when asked; nothing is overwritten.
+#[test]
+fn issued_certificates_load_for_their_node_only() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = fleet(t.path());
+    let certs = t.path().join("certs");
+    pki::issue(&ca, "web-01", 10, &certs).unwrap();
+    let f = files(&ca, &certs, "web-01");
+    let days = check(&f, "web-01").unwrap();
+    assert!((9.9..=10.1).contains(&days), "{days}");
+    let mode = std::fs::metadata(&f.key).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let cert = CertificateDer::from_pem_file(&f.cert).unwrap();
+    assert_eq!(node_id_of(&cert).as_deref(), Some("web-01"));
+
+    let e = check(&f, "web-02").unwrap_err().to_string();
+    assert!(
+        e.contains("web-01.pem") && e.contains("for node \"web-01\", this node is \"web-02\""),
+        "{e}"
+    );
+    let e = pki::issue(&ca, "web-01", 10, &certs)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    let e = pki::init(&ca, "again", 10).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    let e = pki::issue(&ca, "no/slash", 10, &certs)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a node id"), "{e}");
+}
+
+/// A certificate from another CA, or a key that is not the certificate's,
+/// is refused naming the file.
+#[test]
+fn foreign_certificates_and_mismatched_keys_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = fleet(t.path());
+    let other = t.path().join("other");
+    pki::init(&other, "another CA", 30).unwrap();
+    let mine = t.path().join("mine");
+    let theirs = t.path().join("theirs");
+    pki::issue(&ca, "a", 10, &mine).unwrap();
+    pki::issue(&ca, "b", 10, &mine).unwrap();
+    pki::issue(&other, "a", 10, &theirs).unwrap();
+    let foreign = TlsFiles {
+        ca: pki::ca_files(&ca).0,
+        ..files(&other, &theirs, "a")
+    };
+    let e = check(&foreign, "a").unwrap_err().to_string();
+    assert!(
+        e.contains("theirs/a.pem") && e.contains("not valid under the CA"),
+        "{e}"
+    );
+    let swapped = TlsFiles {
+        key: mine.join("b.key"),
+        ..files(&ca, &mine, "a")
+    };
+    let e = check(&swapped, "a").unwrap_err().to_string();
+    assert!(e.contains("b.key") && e.contains("does not match"), "{e}");
+    let e = check(
+        &TlsFiles {
+            ca: t.path().join("missing.pem"),
+            ..files(&ca, &mine, "a")
+        },
+        "a",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("missing.pem: cannot read"), "{e}");
+}
