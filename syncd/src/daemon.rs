@@ -79,15 +79,39 @@ pub async fn run(
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_millis() as u64);
+    let tls = match &config.node.tls {
+        Some(files) => Some(Arc::new(
+            crate::tls::Tls::new(files.clone(), n.id.get_ref())
+                .context("loading the [tls] certificates")?,
+        )),
+        None => {
+            tracing::warn!(
+                "no [tls] in the configuration: the peer port is not authenticated; run it on a trusted network only"
+            );
+            None
+        }
+    };
+    let metrics = Metrics::new().context("registering metrics")?;
+    if let Some(t) = &tls {
+        metrics
+            .registry
+            .register(Box::new(metrics.tls_expiry_days.clone()))
+            .context("registering the TLS metric")?;
+        metrics.tls_expiry_days.set(t.days_left());
+    }
+    let transport = match &tls {
+        Some(t) => GrpcTransport::with_tls(t.clone()),
+        None => GrpcTransport::default(),
+    };
     let fleet = Arc::new(FleetView::new(
         n.id.get_ref().clone(),
         config.advertise.clone(),
         n.labels.get_ref().clone(),
         incarnation,
         n.peers.get_ref().clone(),
-        Arc::new(GrpcTransport::default()),
+        Arc::new(transport),
         Arc::new(Env::from_entropy()),
-        Metrics::new().context("registering metrics")?,
+        metrics,
     ));
     let node = Arc::new(
         LocalNode::new(store, fleet.clone())
@@ -164,18 +188,28 @@ pub async fn run(
     let server_stop = tokio_util::sync::CancellationToken::new();
     let server = {
         let stop = server_stop.clone();
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .initial_stream_window_size(crate::transport::grpc::STREAM_WINDOW)
             .initial_connection_window_size(crate::transport::grpc::CONNECTION_WINDOW)
             .add_service(GrpcServer::service(Arc::new(PeerService::new(
                 node.clone(),
-            ))))
-            .serve_with_incoming_shutdown(
+            ))));
+        let stopped = async move { stop.cancelled().await };
+        let served: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &tls {
+            Some(t) => Box::pin(router.serve_with_incoming_shutdown(
+                crate::transport::tls::incoming(listener, t.clone(), server_stop.clone()),
+                stopped,
+            )),
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 // Nagle's algorithm against delayed ACKs cost ~40 ms per small
                 // response (a manifest node) before this.
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move { stop.cancelled().await },
-            )
+                stopped,
+            )),
+        };
+        served
     };
 
     tasks.spawn(crate::fleet::gossip::run(fleet.clone()));
@@ -184,6 +218,17 @@ pub async fn run(
         tasks.spawn(async move { stats_loop(daemon, notify).await });
     }
     tasks.spawn(gc_loop(node.clone()));
+    if let Some(t) = tls.clone() {
+        // Days to expiry tick down without a reload.
+        let gauge = node.metrics.tls_expiry_days.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                gauge.set(t.days_left());
+            }
+        });
+    }
     let mut running: HashMap<String, Running> = HashMap::new();
     for p in pending {
         let r = dir::start(&node, p);
@@ -215,6 +260,15 @@ pub async fn run(
             }
             _ = hangup.recv() => {
                 notify.reloading();
+                if let Some(t) = &tls {
+                    match t.reload() {
+                        Ok(()) => {
+                            node.metrics.tls_expiry_days.set(t.days_left());
+                            tracing::info!(days_left = t.days_left().floor(), "reloaded the TLS certificates");
+                        }
+                        Err(e) => tracing::error!(error = %e, "reloading the TLS certificates failed; keeping the ones in use"),
+                    }
+                }
                 reload(&daemon, &config, &mut running).await;
                 notify.ready(&status_line(&daemon));
             }

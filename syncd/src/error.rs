@@ -39,6 +39,9 @@ pub enum Refusal {
     /// This node failed (a bug or its own storage).
     #[error("{0}")]
     Internal(String),
+    /// The caller's certificate does not allow what it asked or claimed.
+    #[error("from peer {peer}: {reason}")]
+    Denied { peer: String, reason: String },
 }
 
 impl Refusal {
@@ -52,6 +55,7 @@ impl Refusal {
             Refusal::NotFound(_) => Status::not_found(msg),
             Refusal::Stopping(_) => Status::unavailable(msg),
             Refusal::Internal(_) => Status::internal(msg),
+            Refusal::Denied { .. } => Status::permission_denied(msg),
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub transfer_sources: IntGaugeVec,
     pub bandwidth_cap: IntGaugeVec,
     pub bandwidth_wait: CounterVec,
+    /// Days until this node's TLS certificate expires (absent without TLS).
+    pub tls_expiry_days: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -226,6 +228,10 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
+            tls_expiry_days: prometheus::Gauge::new(
+                "syncd_tls_certificate_expiry_days",
+                "Days until this node's TLS certificate ([tls] cert) expires; negative once expired. Only with [tls].",
+            )?,
             registry: registry.clone(),
         };
         for d in ["upload", "download"] {

@@ -93,7 +93,8 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl PeerHandler for PeerService {
-    async fn exchange(&self, _caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
+    async fn exchange(&self, caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
+        caller.claims("record", h.from.as_ref().map_or("", |m| m.node_id.as_str()))?;
         let m = &self.node.metrics;
         m.gossip_messages
             .with_label_values(&["exchange", "received"])
@@ -125,6 +126,9 @@ impl PeerHandler for PeerService {
                 caller,
                 "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
             ));
+        }
+        if !r.requester.is_empty() {
+            caller.claims("requester", &r.requester)?;
         }
         let root =
             Hash::from_slice(&r.root).ok_or_else(|| invalid(caller, "root is not 32 bytes"))?;
@@ -218,6 +222,9 @@ impl PeerHandler for PeerService {
                 caller,
                 "requester or dir is not an id ([A-Za-z0-9._-]{1,128})",
             ));
+        }
+        if !r.requester.is_empty() {
+            caller.claims("requester", &r.requester)?;
         }
         if r.hashes.len() > MAX_CHUNKS_PER_CALL {
             return Err(invalid(

@@ -16,7 +16,8 @@ pub struct FleetPeer(pub Arc<FleetView>);
 
 #[tonic::async_trait]
 impl PeerHandler for FleetPeer {
-    async fn exchange(&self, _: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
+    async fn exchange(&self, caller: Caller, h: pb::Holdings) -> Result<pb::Holdings, Status> {
+        caller.claims("record", h.from.as_ref().map_or("", |m| m.node_id.as_str()))?;
         self.0.learn(h, Via::Direct)?;
         Ok((*self.0.own_record()).clone())
     }

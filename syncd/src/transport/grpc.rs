@@ -24,13 +24,31 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
-/// Channels to peers, by address.
+/// Channels to peers, by address; over mutual TLS when built with
+/// [`GrpcTransport::with_tls`].
 #[derive(Debug, Default)]
 pub struct GrpcTransport {
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<Arc<crate::tls::Tls>>,
+    /// Under TLS: the node id each dialled address's certificate names.
+    ids: super::tls::PeerIds,
 }
 
 impl GrpcTransport {
+    /// Every connection mutually authenticated under the fleet CA.
+    pub fn with_tls(tls: Arc<crate::tls::Tls>) -> GrpcTransport {
+        GrpcTransport {
+            tls: Some(tls),
+            ..GrpcTransport::default()
+        }
+    }
+
+    /// The node id the certificate of the peer at `to` named, if this node
+    /// dialled it over TLS.
+    pub fn peer_id(&self, to: &str) -> Option<String> {
+        self.ids.locked().get(to).cloned()
+    }
+
     /// Creates the (lazy) channel to `to` now, as a first call would.
     #[cfg(test)]
     pub(crate) fn prime(&self, to: &str) {
@@ -43,13 +61,20 @@ impl GrpcTransport {
             match channels.get(to) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Endpoint::from_shared(format!("http://{to}"))
+                    let e = Endpoint::from_shared(format!("http://{to}"))
                         .map_err(|e| Status::invalid_argument(format!("peer address {to:?}: {e}")))?
                         .connect_timeout(CONNECT_TIMEOUT)
                         .timeout(CALL_TIMEOUT)
                         .initial_stream_window_size(STREAM_WINDOW)
-                        .initial_connection_window_size(CONNECTION_WINDOW)
-                        .connect_lazy();
+                        .initial_connection_window_size(CONNECTION_WINDOW);
+                    let c = match &self.tls {
+                        Some(tls) => e.connect_with_connector_lazy(super::tls::Dialer {
+                            tls: tls.clone(),
+                            ids: self.ids.clone(),
+                            connect_timeout: CONNECT_TIMEOUT,
+                        }),
+                        None => e.connect_lazy(),
+                    };
                     channels.insert(to.to_string(), c.clone());
                     c
                 }
@@ -64,7 +89,23 @@ impl GrpcTransport {
 #[tonic::async_trait]
 impl Transport for GrpcTransport {
     async fn exchange(&self, to: &str, h: pb::Holdings) -> Result<pb::Holdings, Status> {
-        Ok(self.client(to)?.exchange(h).await?.into_inner())
+        let reply = self.client(to)?.exchange(h).await?.into_inner();
+        // Under TLS the reply's record is the peer's own: it must be the
+        // node its certificate names.
+        if self.tls.is_some() {
+            let claimed = reply.from.as_ref().map_or("", |m| m.node_id.as_str());
+            match self.peer_id(to) {
+                Some(id) if id == claimed => {}
+                id => {
+                    let id = id.unwrap_or_else(|| "(none)".into());
+                    tracing::warn!(peer = %to, certificate = %id, claimed, "refused a peer's record: its certificate names another node");
+                    return Err(Status::permission_denied(format!(
+                        "peer {to}: its certificate names node {id:?} but its record claims {claimed:?}"
+                    )));
+                }
+            }
+        }
+        Ok(reply)
     }
 
     async fn gossip(&self, to: &str, r: pb::GossipRequest) -> Result<pb::GossipReply, Status> {
@@ -127,6 +168,9 @@ impl GrpcServer {
 fn caller<T>(req: &Request<T>) -> Caller {
     Caller {
         ip: req.remote_addr().map(|a| a.ip()),
+        peer_id: req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(crate::tls::node_id_of)),
     }
 }
 

@@ -176,6 +176,7 @@ impl MemTransport {
     fn caller(&self) -> Caller {
         Caller {
             ip: self.me.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
+            peer_id: None,
         }
     }
 }

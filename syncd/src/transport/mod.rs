@@ -27,6 +27,7 @@ use tonic::Status;
 
 pub mod grpc;
 pub mod mem;
+pub mod tls;
 
 /// Most node ids or chunk hashes one request may name (PROTOCOL.md).
 pub const MAX_NODES_PER_CALL: usize = 256;
@@ -39,11 +40,44 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ChunkBatch, Status>> + Send>>;
 
 /// Who is calling, as far as the transport knows: the caller's address
-/// (per-address admission limits key on it). Node ids are claims inside
-/// the messages, checked by the handler.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// (per-address admission limits key on it) and, under mutual TLS, the
+/// node id its verified certificate names. Node ids inside the messages
+/// are claims, held against `peer_id` by the handlers ([`Caller::claims`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
     pub ip: Option<IpAddr>,
+    pub peer_id: Option<String>,
+}
+
+impl Caller {
+    /// The caller's address for logs and refusals.
+    pub fn who(&self) -> String {
+        let ip = self
+            .ip
+            .map_or_else(|| "(unknown address)".into(), |ip| ip.to_string());
+        match &self.peer_id {
+            Some(id) => format!("{id} at {ip}"),
+            None => ip,
+        }
+    }
+
+    /// Refuses (and logs) a message whose `what` names node `claimed`
+    /// when the caller's certificate names another node. Without TLS
+    /// there is nothing to hold a claim against.
+    pub fn claims(&self, what: &str, claimed: &str) -> Result<(), crate::error::Refusal> {
+        match &self.peer_id {
+            Some(id) if id != claimed => {
+                let reason =
+                    format!("its certificate names node {id:?} but its {what} claims {claimed:?}");
+                tracing::warn!(peer = %self.who(), "refused a peer: {reason}");
+                Err(crate::error::Refusal::Denied {
+                    peer: self.who(),
+                    reason,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What this node answers to peers.

@@ -1,0 +1,125 @@
+//! Mutual TLS between real daemons (issue 11, item 1): nodes with
+//! certificates from the fleet CA sync; a client without a certificate, or
+//! with one from another CA, is refused at the handshake; a client with a
+//! valid certificate cannot claim another node's id.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use sync_proto::pb;
+use syncd::tls::{Tls, TlsFiles, pki};
+use syncd::transport::Transport as _;
+use syncd::transport::grpc::GrpcTransport;
+
+mod common;
+use common::{Daemon, converge, until};
+
+fn files(ca_dir: &Path, certs: &Path, id: &str) -> TlsFiles {
+    TlsFiles {
+        ca: pki::ca_files(ca_dir).0,
+        cert: certs.join(format!("{id}.pem")),
+        key: certs.join(format!("{id}.key")),
+    }
+}
+
+fn tls_lines(f: &TlsFiles) -> String {
+    format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        f.ca.display(),
+        f.cert.display(),
+        f.key.display()
+    )
+}
+
+/// A record as `id` would send it from `address`.
+fn record(id: &str, address: &str) -> pb::Holdings {
+    pb::Holdings {
+        from: Some(pb::Member {
+            node_id: id.into(),
+            address: address.into(),
+            labels: Default::default(),
+        }),
+        protocol: syncd::wire::PROTOCOL,
+        incarnation: 1,
+        seq: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, other_ca) = (tmp.path().join("ca"), tmp.path().join("other-ca"));
+    let (certs, foreign) = (tmp.path().join("certs"), tmp.path().join("foreign"));
+    pki::init(&ca, "test fleet CA", 30).unwrap();
+    pki::init(&other_ca, "another CA", 30).unwrap();
+    for id in ["src", "r1", "mallory"] {
+        pki::issue(&ca, id, 30, &certs).unwrap();
+    }
+    pki::issue(&other_ca, "r9", 30, &foreign).unwrap();
+
+    let (a, b) = ("127.0.0.101", "127.0.0.102");
+    let src = Daemon::with(
+        tmp.path(),
+        "src",
+        a,
+        "source",
+        &[b],
+        &tls_lines(&files(&ca, &certs, "src")),
+        "",
+    );
+    fs::write(src.data.join("index.html"), b"over TLS").unwrap();
+    let r1 = Daemon::with(
+        tmp.path(),
+        "r1",
+        b,
+        "replica",
+        &[a],
+        &tls_lines(&files(&ca, &certs, "r1")),
+        "",
+    );
+    converge(&src, &[&r1], "over mutual TLS");
+    let to = format!("{a}:7400");
+
+    // No certificate: refused at the handshake, and the node says so.
+    let plain = GrpcTransport::default();
+    let e = plain.exchange(&to, record("r9", "127.0.0.109:7400")).await;
+    assert!(e.is_err(), "a plaintext client was answered");
+    // Another CA's certificate: refused too.
+    let other = Tls::new(files(&other_ca, &foreign, "r9"), "r9").unwrap();
+    let stranger = GrpcTransport::with_tls(Arc::new(other));
+    let e = stranger
+        .exchange(&to, record("r9", "127.0.0.109:7400"))
+        .await;
+    assert!(e.is_err(), "a client of another CA was answered");
+    until(10, "src to log the refused handshakes", || {
+        let log = fs::read_to_string(&src.log).unwrap_or_default();
+        (log.matches("refused a peer at the TLS handshake").count() >= 2).then_some(())
+    });
+
+    // A fleet certificate gets in, under its own name only.
+    let m = Tls::new(files(&ca, &certs, "mallory"), "mallory").unwrap();
+    let mallory = GrpcTransport::with_tls(Arc::new(m));
+    let e = mallory
+        .exchange(&to, record("src", "127.0.0.103:7400"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message()
+            .contains("certificate names node \"mallory\" but its record claims \"src\""),
+        "{e}"
+    );
+    let reply = mallory
+        .exchange(&to, record("mallory", "127.0.0.103:7400"))
+        .await
+        .expect("its own name is accepted");
+    assert_eq!(reply.from.unwrap().node_id, "src");
+    assert_eq!(mallory.peer_id(&to).as_deref(), Some("src"));
+    let log = fs::read_to_string(&src.log).unwrap();
+    assert!(
+        log.contains("refused a peer") && log.contains("mallory at 127.0.0.1"),
+        "the refusal names the peer: {log}"
+    );
+}
