@@ -162,8 +162,8 @@ impl PeerHandler for PeerService {
         Ok(reply(complete(), false, next, hashes))
     }
 
-    async fn swim(&self, _caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
-        Ok(self.node.fleet.swim_packet(p.data)?)
+    async fn swim(&self, caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
+        Ok(self.node.fleet.swim_packet(&caller, p.data)?)
     }
 
     async fn get_nodes(

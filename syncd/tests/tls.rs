@@ -1,7 +1,8 @@
 //! Mutual TLS between real daemons (issue 11, item 1): nodes with
 //! certificates from the fleet CA sync; a client without a certificate, or
 //! with one from another CA, is refused at the handshake; a client with a
-//! valid certificate cannot claim another node's id.
+//! valid certificate cannot claim another node's id, in a record or as a
+//! SWIM sender.
 
 use std::fs;
 use std::path::Path;
@@ -117,6 +118,36 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         .expect("its own name is accepted");
     assert_eq!(reply.from.unwrap().node_id, "src");
     assert_eq!(mallory.peer_id(&to).as_deref(), Some("src"));
+    // Nor can it speak on SWIM as another node.
+    let ident = |id: &str, ip: &str| syncd::fleet::membership::Ident {
+        address: format!("{ip}:7400"),
+        node_id: id.into(),
+        bump: 1,
+    };
+    let swim_as = |id: &str| {
+        use foca::Codec as _;
+        let header = foca::Header {
+            src: ident(id, "127.0.0.103"),
+            src_incarnation: 0,
+            dst: ident("src", a),
+            message: foca::Message::Ping(1),
+        };
+        let mut buf = Vec::new();
+        foca::PostcardCodec
+            .encode_header(&header, &mut buf)
+            .unwrap();
+        pb::SwimPacket { data: buf.into() }
+    };
+    let e = mallory.swim(&to, swim_as("src")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("SWIM packet's sender claims \"src\""),
+        "{e}"
+    );
+    mallory
+        .swim(&to, swim_as("mallory"))
+        .await
+        .expect("a packet under its own name is taken");
     let log = fs::read_to_string(&src.log).unwrap();
     assert!(
         log.contains("refused a peer") && log.contains("mallory at 127.0.0.1"),

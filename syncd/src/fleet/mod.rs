@@ -545,7 +545,24 @@ impl FleetView {
     }
 
     /// A SWIM packet from a peer, counted and handed to SWIM.
-    pub fn swim_packet(&self, data: bytes::Bytes) -> Result<(), Refusal> {
+    pub fn swim_packet(
+        &self,
+        caller: &crate::transport::Caller,
+        data: bytes::Bytes,
+    ) -> Result<(), Refusal> {
+        // Under TLS the packet's sender must be the caller's certificate.
+        if caller.peer_id.is_some() {
+            use foca::Codec as _;
+            let header =
+                foca::PostcardCodec
+                    .decode_header(&data[..])
+                    .map_err(|_| Refusal::Invalid {
+                        peer: caller.who(),
+                        reason: "a SWIM packet that does not decode".into(),
+                    })?;
+            let src: &membership::Ident = &header.src;
+            caller.claims("SWIM packet's sender", &src.node_id)?;
+        }
         let m = &self.metrics;
         m.gossip_messages
             .with_label_values(&["swim", "received"])

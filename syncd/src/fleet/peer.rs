@@ -40,7 +40,7 @@ impl PeerHandler for FleetPeer {
         Err(Status::unimplemented("a fleet-only peer serves no chunks"))
     }
 
-    async fn swim(&self, _: Caller, p: pb::SwimPacket) -> Result<(), Status> {
-        Ok(self.0.swim_packet(p.data)?)
+    async fn swim(&self, caller: Caller, p: pb::SwimPacket) -> Result<(), Status> {
+        Ok(self.0.swim_packet(&caller, p.data)?)
     }
 }
