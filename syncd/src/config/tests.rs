@@ -1,4 +1,5 @@
 use super::*;
+use crate::bandwidth::Caps;
 
 struct Files(tempfile::TempDir);
 
