@@ -323,6 +323,23 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// A value the store's user keeps under `name` (e.g. the daemon's
+    /// highest accepted version of a directory), apart from the index's
+    /// own keys.
+    pub fn app_value(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.db
+            .get_cf(self.cf(CF_META), format!("app/{name}"))
+            .map_err(|e| Error::db(format!("read {name}"), e))
+    }
+
+    /// Sets [`Store::app_value`], durably (the WAL is synced before it
+    /// returns).
+    pub fn set_app_value(&self, name: &str, value: &[u8]) -> Result<(), Error> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_META), format!("app/{name}"), value);
+        self.write(wb, true)
+    }
+
     /// Every record of one synced directory, by relative path.
     pub fn file_records(&self, dir: &str) -> Result<HashMap<String, FileRecord>, Error> {
         let prefix = file_key(dir, "");

@@ -298,6 +298,8 @@ impl pba::admin_server::Admin for AdminService {
                 .collect(),
             upload_cap: node.bandwidth.caps().upload.unwrap_or(0),
             download_cap: node.bandwidth.caps().download.unwrap_or(0),
+            tls: node.fleet.tls().is_some(),
+            certificate_days: node.fleet.tls().map_or(0.0, |t| t.days_left()),
         }))
     }
 

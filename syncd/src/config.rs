@@ -186,6 +186,11 @@ pub struct DirFile {
     /// run time with `syncctl priority`.
     #[serde(default)]
     pub priority: Priority,
+    /// The nodes that may publish this directory, e.g. `["web-01"]`:
+    /// replicas take only versions signed by one of them. Empty: any node
+    /// with a fleet certificate. Needs `[tls]` in `syncd.toml`.
+    #[serde(default = "spanned_default")]
+    pub publishers: Spanned<Vec<String>>,
     /// Bandwidth caps for this directory's transfers (`[limits]` at the
     /// end of the file).
     #[serde(default)]
@@ -309,6 +314,34 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, C
 }
 
 /// Ids become RocksDB keys, metric labels and file names: keep them plain.
+/// Most publishers one directory may name.
+const MAX_PUBLISHERS: usize = 64;
+
+/// `publishers`: node ids, signed versions (so `[tls]`), and a source
+/// among its own publishers.
+fn check_publishers(d: &DirFile, node_id: &str, tls: bool) -> Result<(), String> {
+    let p = d.publishers.get_ref();
+    if p.is_empty() {
+        return Ok(());
+    }
+    if p.len() > MAX_PUBLISHERS {
+        return Err(format!("more than {MAX_PUBLISHERS} publishers"));
+    }
+    for id in p {
+        check_id("publisher", id)?;
+    }
+    if !tls {
+        return Err("publishers needs [tls] in syncd.toml: versions are signed with the node's certificate key".into());
+    }
+    if *d.mode.get_ref() == Mode::Source && !p.iter().any(|x| x == node_id) {
+        return Err(format!(
+            "this node ({node_id:?}) is a source of {:?} but not among its publishers {p:?}; replicas would refuse its versions",
+            d.id.get_ref()
+        ));
+    }
+    Ok(())
+}
+
 fn check_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(format!("{what} must be 1..={MAX_ID_LEN} characters"));
@@ -433,7 +466,12 @@ impl Config {
                 message: format!("[tls]: {e}"),
             })?;
         }
-        let dirs = load_dirs(file, n.state_dir.get_ref())?;
+        let dirs = load_dirs(
+            file,
+            n.state_dir.get_ref(),
+            n.id.get_ref(),
+            node.tls.is_some(),
+        )?;
         Ok(Config {
             file: file.to_path_buf(),
             listen,
@@ -449,6 +487,8 @@ impl Config {
 fn load_dirs(
     file: &Path,
     state_dir: &Path,
+    node_id: &str,
+    tls: bool,
 ) -> Result<BTreeMap<String, (PathBuf, DirFile)>, ConfigError> {
     let dir = file.parent().unwrap_or(Path::new(".")).join(DIRS_D);
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
@@ -549,6 +589,7 @@ fn load_dirs(
             ));
         }
         d.limits.check(&path, &text)?;
+        check_publishers(&d, node_id, tls).map_err(|m| invalid(d.publishers.span(), m))?;
         if d.on_synced_timeout.is_zero() {
             return Err(invalid(
                 d.on_synced.span(),

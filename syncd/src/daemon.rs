@@ -113,6 +113,11 @@ pub async fn run(
         Arc::new(Env::from_entropy()),
         metrics,
     ));
+    if let Some(t) = &tls {
+        // Every version is signed with this node's key and checked end to
+        // end (issue 11).
+        fleet.set_tls(t.clone());
+    }
     let node = Arc::new(
         LocalNode::new(store, fleet.clone())
             .with_caps(config.node.limits.caps())

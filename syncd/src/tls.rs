@@ -29,6 +29,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use crate::locks::RwLockExt as _;
 
 pub mod pki;
+pub mod sign;
 
 /// `[tls]` in `syncd.toml`: the fleet CA, this node's certificate and key
 /// (PEM files).
@@ -169,6 +170,11 @@ struct Loaded {
     client: Arc<ClientConfig>,
     /// When this node's certificate expires (seconds since the epoch).
     not_after: i64,
+    /// Signs the versions this node publishes.
+    signer: Arc<sign::Signer>,
+    /// The fleet CA, for checking versions' signatures.
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
 }
 
 /// Loads and checks `files` for node `node_id`: the CA parses, the
@@ -235,6 +241,7 @@ fn load(files: &TlsFiles, node_id: &str) -> Result<Loaded, TlsError> {
                 format!("does not match {}: {e}", files.cert.display()),
             )
         })?;
+    let signer = Arc::new(sign::Signer::new(&key, leaf).map_err(|m| bad(&files.key, m))?);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| bad(&files.ca, format!("{e}")))?;
@@ -250,7 +257,7 @@ fn load(files: &TlsFiles, node_id: &str) -> Result<Loaded, TlsError> {
         .map_err(|e| bad(&files.cert, format!("{e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FleetServerVerifier {
-            roots,
+            roots: roots.clone(),
             provider: provider.clone(),
         }))
         .with_client_auth_cert(chain, key)
@@ -260,6 +267,9 @@ fn load(files: &TlsFiles, node_id: &str) -> Result<Loaded, TlsError> {
         server: Arc::new(server),
         client: Arc::new(client),
         not_after,
+        signer,
+        roots,
+        provider,
     })
 }
 
@@ -313,6 +323,22 @@ impl Tls {
     /// Days until this node's certificate expires (negative: expired).
     pub fn days_left(&self) -> f64 {
         days_until(self.current.read_locked().not_after)
+    }
+
+    /// This node's signing key (the one of its certificate).
+    pub fn signer(&self) -> Arc<sign::Signer> {
+        self.current.read_locked().signer.clone()
+    }
+
+    /// Checks a version's signature with `cert` against the fleet CA
+    /// ([`sign::verify`]).
+    pub fn verify_version(
+        &self,
+        v: &sync_proto::pb::DirVersion,
+        cert: &[u8],
+    ) -> Result<(), String> {
+        let l = self.current.read_locked().clone();
+        sign::verify(&l.roots, &l.provider, v, cert)
     }
 }
 

@@ -74,7 +74,11 @@ pub fn check_member(m: &pb::Member) -> Result<(), String> {
 }
 
 fn check_version(d: &pb::DirVersion) -> Result<(), String> {
-    if d.root.len() != 32 || !is_id(&d.dir) || !(d.publisher.is_empty() || is_id(&d.publisher)) {
+    if d.root.len() != 32
+        || !is_id(&d.dir)
+        || !(d.publisher.is_empty() || is_id(&d.publisher))
+        || !(d.signature.is_empty() || d.signature.len() == crate::tls::sign::SIGNATURE_BYTES)
+    {
         return Err(format!("malformed holding for {:?}", short(&d.dir)));
     }
     Ok(())
@@ -104,6 +108,15 @@ pub fn check_record(h: &pb::Holdings) -> Result<&pb::Member, String> {
     }
     for d in h.dirs.iter().chain(&h.pulling) {
         check_version(d)?;
+    }
+    use crate::tls::sign::{MAX_CERT_BYTES, MAX_RECORD_CERTS};
+    if h.certificates.len() > MAX_RECORD_CERTS
+        || h.certificates.iter().any(|c| c.len() > MAX_CERT_BYTES)
+    {
+        return Err(format!(
+            "record of {} carries more than {MAX_RECORD_CERTS} certificates or one over {MAX_CERT_BYTES} bytes",
+            from.node_id
+        ));
     }
     for r in &h.reports {
         if !is_id(&r.dir)

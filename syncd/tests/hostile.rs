@@ -275,6 +275,7 @@ impl FakePeer {
             publisher: EVIL.into(),
             entries: v.entries,
             bytes: v.bytes,
+            ..Default::default()
         }];
     }
 

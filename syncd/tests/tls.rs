@@ -2,7 +2,8 @@
 //! certificates from the fleet CA sync; a client without a certificate, or
 //! with one from another CA, is refused at the handshake; a client with a
 //! valid certificate cannot claim another node's id, in a record or as a
-//! SWIM sender.
+//! SWIM sender; an expired certificate is refused at the handshake and at
+//! start; `syncctl status` shows the days left.
 
 use std::fs;
 use std::path::Path;
@@ -98,6 +99,39 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         let log = fs::read_to_string(&src.log).unwrap_or_default();
         (log.matches("refused a peer at the TLS handshake").count() >= 2).then_some(())
     });
+    // A fleet certificate that has expired: refused too, and no longer
+    // loads for a node of its own.
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    pki::issue_until(&ca, "late", expires, &certs).unwrap();
+    let late = GrpcTransport::with_tls(Arc::new(
+        Tls::new(files(&ca, &certs, "late"), "late").unwrap(),
+    ));
+    until(10, "the certificate to expire", || {
+        (time::OffsetDateTime::now_utc() > expires + time::Duration::seconds(1)).then_some(())
+    });
+    let e = late.exchange(&to, record("late", "127.0.0.109:7400")).await;
+    assert!(
+        e.is_err(),
+        "a client with an expired certificate was answered"
+    );
+    until(10, "src to log the expired certificate", || {
+        let log = fs::read_to_string(&src.log).unwrap_or_default();
+        (log.matches("refused a peer at the TLS handshake").count() >= 3 && log.contains("xpired"))
+            .then_some(())
+    });
+    let e = Tls::new(files(&ca, &certs, "late"), "late")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("late.pem: not valid under the CA") && e.contains("xpired"),
+        "{e}"
+    );
+    // The operator sees the days left.
+    let (code, out, _) = common::ctl(&src, &["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("tls: certificate expires in 30 days"), "{out}");
+    let json = common::ctl_json(&src, &["status"]);
+    assert!(json["tls"].as_bool().unwrap(), "{json}");
 
     // A fleet certificate gets in, under its own name only.
     let m = Tls::new(files(&ca, &certs, "mallory"), "mallory").unwrap();

@@ -393,3 +393,35 @@ fn tls_files_are_checked_at_load() {
         "{e}"
     );
 }
+
+/// `publishers`: node ids, only with `[tls]` (versions are signed with the
+/// node's key), and a source must be among its own publishers.
+#[test]
+fn publishers_need_tls_and_include_a_source() {
+    let www = format!("{WWW}publishers = [\"web-01\", \"web-02\"]\n");
+    let e = Files::new(NODE).dir("www.toml", &www).err();
+    assert!(
+        e.contains("www.toml:6: publishers needs [tls] in syncd.toml"),
+        "{e}"
+    );
+    let node = format!(
+        "{NODE}[tls]\nca = \"pki/ca.pem\"\ncert = \"certs/web-01.pem\"\nkey = \"certs/web-01.key\"\n"
+    );
+    let f = Files::new(&node).dir("www.toml", &www);
+    let base = f.0.path();
+    crate::tls::pki::init(&base.join("pki"), "test CA", 30).unwrap();
+    crate::tls::pki::issue(&base.join("pki"), "web-01", 30, &base.join("certs")).unwrap();
+    let c = f.load().unwrap();
+    assert_eq!(
+        c.dirs["www"].1.publishers.get_ref(),
+        &vec!["web-01".to_string(), "web-02".to_string()]
+    );
+    let f = f.dir("www.toml", &format!("{WWW}publishers = [\"web-02\"]\n"));
+    let e = f.err();
+    assert!(
+        e.contains("this node (\"web-01\") is a source of \"www\" but not among its publishers"),
+        "{e}"
+    );
+    let f = f.dir("www.toml", &format!("{WWW}publishers = [\"web 02\"]\n"));
+    assert!(f.err().contains("publisher"), "{}", f.err());
+}

@@ -27,6 +27,7 @@ use crate::error::SyncError;
 use crate::local::LocalNode;
 use crate::locks::RwLockExt as _;
 
+mod accepted;
 pub mod replica;
 pub mod source;
 pub mod state;
@@ -188,6 +189,10 @@ pub fn create(node: &Arc<LocalNode>, dir: DirState) -> Prepared {
     node.metrics.init_dir(&dir.id);
     node.bandwidth.register(dir.bandwidth.clone());
     node.carry(&dir.id, &dir.path);
+    node.fleet.set_publishers(&dir.id, dir.publishers.clone());
+    if dir.mode != Mode::Source {
+        accepted::load(node, &dir);
+    }
     dir.announce();
     let (tx, rx) = mpsc::channel(16);
     Prepared {

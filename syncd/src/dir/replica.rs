@@ -48,6 +48,10 @@ pub(super) fn scanned(node: &LocalNode, dir: &DirState, report: &ScanReport) {
                 .with_label_values(&[&dir.id, "local_edits"])
                 .inc();
         }
+        None => {
+            super::accepted::restore(dir, report.root.as_bytes());
+            dir.set_phase(Phase::Idle);
+        }
         _ => dir.set_phase(Phase::Idle),
     }
 }
@@ -61,7 +65,10 @@ pub(super) fn newer(
     retry: &Retry,
 ) -> Option<(pb::DirVersion, Vec<Holder>)> {
     let ours = dir.current().map_or(0, |v| v.version);
-    let best = node.fleet.newest(&dir.id).filter(|v| v.version > ours)?;
+    let best = node
+        .fleet
+        .newest(&dir.id)
+        .filter(|v| v.version > ours && super::accepted::allows(dir, v))?;
     let mut holders = node.fleet.holders(&best);
     let failed = retry.failed_at(&best);
     holders.sort_by_key(|h| failed.contains(&h.id));
@@ -203,6 +210,8 @@ fn transfer(
             version.version, dir.id, version.entries, dir.limits.max_entries
         )));
     }
+    // From here on nothing below this version is taken, across restarts.
+    super::accepted::accept(node, dir, version)?;
     let scanning = || format!("scanning directory {:?} at {}", dir.id, dir.path.display());
     let local = node
         .scan(&dir.id, &dir.path, dir.scan_options())

@@ -23,14 +23,17 @@ pub(super) fn scanned(node: &LocalNode, dir: &DirState, report: &ScanReport) -> 
         return false;
     }
     tracing::info!(dir = %dir.id, version = report.version, root = %report.root, files = report.files, "publishing new version");
-    let v = pb::DirVersion {
+    let mut v = pb::DirVersion {
         dir: dir.id.clone(),
         version: report.version,
         root: report.root.as_bytes().to_vec(),
         publisher: node.id.clone(),
         entries: report.files + report.dirs + report.symlinks,
         bytes: report.bytes,
+        ..Default::default()
     };
+    // Under mutual TLS, with this node's key: replicas check it end to end.
+    node.fleet.sign(&mut v);
     dir.update(|s| {
         s.phase = Phase::Idle;
         s.reason.clear();

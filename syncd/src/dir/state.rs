@@ -198,6 +198,10 @@ pub struct DirState {
     pub stop: tokio_util::sync::CancellationToken,
     /// Where this directory's state is announced.
     fleet: Arc<FleetView>,
+    /// Who may publish it (`publishers`; empty: any fleet node).
+    pub publishers: Vec<String>,
+    /// The highest version accepted (replicas never go below it).
+    pub(crate) accepted: std::sync::Mutex<super::accepted::Accepted>,
 }
 
 impl DirState {
@@ -237,6 +241,8 @@ impl DirState {
             stopping: Arc::new(AtomicBool::new(false)),
             stop: tokio_util::sync::CancellationToken::new(),
             fleet,
+            publishers: d.publishers.get_ref().clone(),
+            accepted: Default::default(),
         })
     }
 

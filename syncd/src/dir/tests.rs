@@ -162,6 +162,7 @@ async fn a_slow_pull_holds_up_neither_other_directories_nor_collection() {
         publisher: "slow".into(),
         entries: 1,
         bytes: 1,
+        ..Default::default()
     };
     let holders = vec![Holder {
         id: "slow".into(),

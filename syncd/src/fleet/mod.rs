@@ -2,8 +2,8 @@
 //! published (its directory versions and what its directories are doing),
 //! and this node's own record. It is the one place records enter — from
 //! a peer directly (`Exchange`) or relayed by gossip — and they are
-//! validated here ([`crate::wire::check_record`]; signatures will be
-//! checked here too). Replicas ask it for the newest version of a
+//! validated here ([`crate::wire::check_record`], and under mutual TLS
+//! every version's signature, [`signed`]). Replicas ask it for the newest version of a
 //! directory and who holds it; `syncctl status`, `peers` and `fleet` read
 //! it; [`gossip`] keeps it in step with the rest of the fleet.
 //!
@@ -37,6 +37,7 @@ pub mod gossip;
 pub mod membership;
 pub mod peer;
 mod peers;
+pub mod signed;
 mod sources;
 
 pub use membership::{Ident, Liveness, Members, Swim};
@@ -90,6 +91,10 @@ struct Table {
     /// change, and at least every second (an unconfirmed peer's liveness
     /// lapses with time alone).
     digests: Option<(tokio::time::Instant, [u64; BUCKETS])>,
+    /// The nodes that may publish each directory this node carries, as
+    /// its `dirs.d` file says (absent or empty: any node of the fleet).
+    /// Versions of others stay in the view but are never the newest.
+    publishers: HashMap<String, Vec<String>>,
 }
 
 /// Most directories whose highest version is remembered for forwarding.
@@ -113,6 +118,8 @@ pub struct FleetView {
     /// Woken when there is something to push.
     pushed: Notify,
     pub swim: OnceLock<Swim>,
+    /// Under mutual TLS: signing own versions, checking everyone's.
+    signatures: OnceLock<signed::Signatures>,
     /// Peers seen polling this node's have-logs (receivers not yet known
     /// from their records).
     receivers: Mutex<sources::Receivers>,
@@ -160,10 +167,12 @@ impl FleetView {
                 pushes: Vec::new(),
                 seen: HashMap::new(),
                 digests: None,
+                publishers: HashMap::new(),
             }),
             learned: Notify::new(),
             pushed: Notify::new(),
             swim: OnceLock::new(),
+            signatures: OnceLock::new(),
             receivers: Mutex::default(),
         };
         let record = {
@@ -194,8 +203,62 @@ impl FleetView {
         }
     }
 
+    /// From now on every version is signed and checked ([`signed`]).
+    pub fn set_tls(&self, tls: Arc<crate::tls::Tls>) {
+        let _ = self.signatures.set(signed::Signatures::new(tls));
+    }
+
+    /// This node's TLS, when it runs it.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.signatures.get().map(|s| s.tls())
+    }
+
+    /// Signs a version this node publishes (without TLS: leaves it be).
+    pub fn sign(&self, v: &mut pb::DirVersion) {
+        if let Some(s) = self.signatures.get() {
+            s.sign(v);
+        }
+    }
+
+    /// Checks a version this node kept (persisted) with the certificate
+    /// kept with it.
+    pub fn admit(&self, v: &pb::DirVersion, cert: &[u8]) -> Result<(), String> {
+        match self.signatures.get() {
+            Some(s) => s.check(v, &[cert.to_vec()]).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The certificate vouching for a version this node took in.
+    pub fn cert_of(&self, v: &pb::DirVersion) -> Vec<u8> {
+        self.signatures
+            .get()
+            .and_then(|s| s.certs_of(std::iter::once(v)).pop())
+            .unwrap_or_default()
+    }
+
+    /// Which nodes may publish `dir` here (empty: any node of the fleet).
+    pub fn set_publishers(&self, dir: &str, publishers: Vec<String>) {
+        let mut t = self.table.locked();
+        if publishers.is_empty() {
+            t.publishers.remove(dir);
+        } else {
+            t.publishers.insert(dir.to_string(), publishers);
+        }
+    }
+
     fn build_own(&self, own: &Own) -> Arc<pb::Holdings> {
+        let versions = || {
+            own.dirs
+                .values()
+                .flat_map(|d| d.held.iter().chain(d.pulling.iter()))
+        };
+        let certificates = match self.signatures.get() {
+            Some(s) => s.certs_of(versions()),
+            None => Vec::new(),
+        };
         Arc::new(pb::Holdings {
+            certificates,
             from: Some(self.own_member()),
             dirs: own.dirs.values().filter_map(|d| d.held.clone()).collect(),
             pulling: own
@@ -259,6 +322,7 @@ impl FleetView {
     pub fn remove_dir(&self, dir: &str) {
         let mut t = self.table.locked();
         t.own.soft.remove(dir);
+        t.publishers.remove(dir);
         if t.own.dirs.remove(dir).is_some() {
             self.bump_own(&mut t);
         }
@@ -303,6 +367,16 @@ impl FleetView {
         let id = from.node_id.clone();
         if id == self.id {
             return Ok(false);
+        }
+        if let Some(s) = self.signatures.get()
+            && let Err(reason) = s.check_record(&h)
+        {
+            let reason = format!("in the record of {id}: {reason}");
+            tracing::warn!(peer = %peer(), "refused a record with a version no publisher signed: {reason}");
+            return Err(Refusal::Invalid {
+                peer: peer(),
+                reason,
+            });
         }
         let now = self.env.now();
         let size = h.encoded_len();
@@ -392,11 +466,13 @@ impl FleetView {
 
     fn newest_locked<'a>(&self, t: &'a Table, dir: &str) -> Option<&'a pb::DirVersion> {
         let own = t.own.record.dirs.iter().find(|v| v.dir == dir);
+        let allowed = t.publishers.get(dir);
         t.peers
             .values()
             .filter(|p| p.live())
             .filter_map(|p| p.held(dir))
             .chain(own)
+            .filter(|v| allowed.is_none_or(|a| a.contains(&v.publisher)))
             .max_by_key(|v| v.version)
     }
 

@@ -42,6 +42,7 @@ fn record(
                 publisher: id.into(),
                 entries: 1,
                 bytes: 1,
+                ..Default::default()
             })
             .collect(),
         protocol: wire::PROTOCOL,
@@ -396,4 +397,87 @@ async fn holders_are_ordered_by_tier_then_measured_round_trip() {
             "seed {seed}"
         );
     }
+}
+
+/// Under TLS (issue 11): a record whose versions are signed by their
+/// publishers is taken in, relayed or not; one with an unsigned version is
+/// refused whole; the directory's publishers decide what is newest; this
+/// node's own record carries the certificates of what it holds.
+#[tokio::test(start_paused = true)]
+async fn records_need_signed_versions_and_publishers_pick_the_newest() {
+    use crate::tls::{Tls, TlsFiles, pki};
+    let t = tempfile::tempdir().unwrap();
+    let (ca, certs) = (t.path().join("ca"), t.path().join("certs"));
+    pki::init(&ca, "test CA", 5).unwrap();
+    let tls = |id: &str| {
+        pki::issue(&ca, id, 5, &certs).unwrap();
+        Arc::new(
+            Tls::new(
+                TlsFiles {
+                    ca: pki::ca_files(&ca).0,
+                    cert: certs.join(format!("{id}.pem")),
+                    key: certs.join(format!("{id}.key")),
+                },
+                id,
+            )
+            .unwrap(),
+        )
+    };
+    let (me, src, other) = (tls("n1"), tls("src"), tls("other"));
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        1,
+    );
+    v.set_tls(me);
+    let signed = |by: &Tls, version: u64| {
+        let mut d = record("x", version, Default::default(), vec!["www"]).dirs[0].clone();
+        d.publisher = if version == 9 { "other" } else { "src" }.into();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        by.signer().sign(&mut d, now);
+        d
+    };
+    let v2 = signed(&src, 2);
+    let mut r = record("r1", 1, Default::default(), vec![]);
+    r.dirs = vec![v2.clone()];
+    // Without the publisher's certificate: refused.
+    let e = v
+        .learn(r.clone(), Via::Relay("r7"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no certificate of its publisher"), "{e}");
+    r.certificates = vec![src.signer().cert().to_vec()];
+    assert!(v.learn(r.clone(), Via::Relay("r7")).unwrap());
+    // An unsigned version in an otherwise good record: all refused.
+    let mut bad = record("r2", 1, Default::default(), vec!["www"]);
+    bad.dirs.push(v2.clone());
+    bad.dirs[0].dir = "etc".into();
+    bad.certificates = r.certificates.clone();
+    let e = v.learn(bad, Via::Direct).unwrap_err().to_string();
+    assert!(
+        e.contains("version 1 of \"etc\" published by \"r2\": unsigned"),
+        "{e}"
+    );
+    assert!(!v.peers().iter().any(|(id, _)| id == "r2"));
+    // A validly signed higher version by a node not among www's publishers.
+    let mut r3 = record("r3", 1, Default::default(), vec![]);
+    r3.dirs = vec![signed(&other, 9)];
+    r3.certificates = vec![other.signer().cert().to_vec()];
+    assert!(v.learn(r3, Via::Direct).unwrap());
+    assert_eq!(v.newest("www").unwrap().version, 9);
+    v.set_publishers("www", vec!["src".into()]);
+    assert_eq!(v.newest("www").unwrap().version, 2);
+    // Holding v2, this node vouches for it with src's certificate.
+    v.set_dir(
+        "www",
+        OwnDir {
+            held: Some(v2),
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.own_record().certificates, r.certificates);
 }

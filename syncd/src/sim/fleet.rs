@@ -179,6 +179,7 @@ fn version(v: u64, publisher: usize) -> pb::DirVersion {
         publisher: format!("n{publisher}"),
         entries: 1,
         bytes: 1,
+        ..Default::default()
     }
 }
 

@@ -106,6 +106,18 @@ pub fn issue(
     days: u32,
     out: &Path,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
+    let until = time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(days));
+    issue_until(ca_dir, id, until, out)
+}
+
+/// Like [`issue`], valid until `until` (e.g. a certificate that expires in
+/// a few seconds, to see what expiry does).
+pub fn issue_until(
+    ca_dir: &Path,
+    id: &str,
+    until: time::OffsetDateTime,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     if !crate::wire::is_id(id) {
         return Err(PkiError::BadId(id.to_string()));
     }
@@ -137,8 +149,11 @@ pub fn issue(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    validity(&mut p, days);
-    let key = KeyPair::generate().map_err(cert_err("generating the node key"))?;
+    validity(&mut p, 0);
+    p.not_after = until;
+    // Ed25519: the node's key also signs the versions it publishes.
+    let key =
+        KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(cert_err("generating the node key"))?;
     let cert = p
         .signed_by(&key, &issuer)
         .map_err(cert_err("signing the node certificate"))?;

@@ -89,3 +89,79 @@ fn foreign_certificates_and_mismatched_keys_are_refused() {
     .to_string();
     assert!(e.contains("missing.pem: cannot read"), "{e}");
 }
+
+/// A version verifies with its publisher's certificate only, and only as
+/// signed: every field is covered, and the certificate must chain to the
+/// CA and have been valid when the version was published.
+#[test]
+fn versions_verify_only_as_their_publisher_signed_them() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = fleet(t.path());
+    let other = t.path().join("other");
+    pki::init(&other, "another CA", 30).unwrap();
+    let (mine, theirs) = (t.path().join("mine"), t.path().join("theirs"));
+    pki::issue(&ca, "src", 10, &mine).unwrap();
+    pki::issue(&ca, "b", 10, &mine).unwrap();
+    pki::issue(&other, "src", 10, &theirs).unwrap();
+    let src = Tls::new(files(&ca, &mine, "src"), "src").unwrap();
+    let b = Tls::new(files(&ca, &mine, "b"), "b").unwrap();
+    let impostor = Tls::new(files(&other, &theirs, "src"), "src").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut v = sync_proto::pb::DirVersion {
+        dir: "www".into(),
+        version: 7,
+        root: vec![1; 32],
+        publisher: "src".into(),
+        entries: 3,
+        bytes: 100,
+        ..Default::default()
+    };
+    src.signer().sign(&mut v, now);
+    let cert = src.signer().cert();
+    // Anyone of the fleet verifies it, with the publisher's certificate.
+    b.verify_version(&v, &cert).unwrap();
+    let e = b.verify_version(&v, &b.signer().cert()).unwrap_err();
+    assert!(
+        e.contains("certificate of \"b\", not of its publisher"),
+        "{e}"
+    );
+    // Every field is signed.
+    let changes: [fn(&mut sync_proto::pb::DirVersion); 7] = [
+        |v| v.dir = "etc".into(),
+        |v| v.version += 1,
+        |v| v.root[0] ^= 1,
+        |v| v.entries += 1,
+        |v| v.bytes += 1,
+        |v| v.time += 1,
+        |v| v.signature[5] ^= 1,
+    ];
+    for change in changes {
+        let mut w = v.clone();
+        change(&mut w);
+        let e = b.verify_version(&w, &cert).unwrap_err();
+        assert!(e.contains("does not match its content"), "{e}");
+    }
+    let e = b
+        .verify_version(
+            &sync_proto::pb::DirVersion {
+                signature: vec![],
+                ..v.clone()
+            },
+            &cert,
+        )
+        .unwrap_err();
+    assert_eq!(e, "unsigned");
+    // A certificate of another CA, even naming the publisher, is no proof.
+    let mut w = v.clone();
+    impostor.signer().sign(&mut w, now);
+    let e = b.verify_version(&w, &impostor.signer().cert()).unwrap_err();
+    assert!(e.contains("not valid under the fleet CA"), "{e}");
+    // Nor one that was not valid when the version says it was signed.
+    let mut old = v.clone();
+    src.signer().sign(&mut old, 1_000);
+    let e = b.verify_version(&old, &cert).unwrap_err();
+    assert!(e.contains("when the version was signed"), "{e}");
+}

@@ -42,6 +42,7 @@ impl PeerHandler for Fixed {
                 publisher: "server".into(),
                 entries: 1,
                 bytes: 2,
+                ..Default::default()
             }],
             ..Default::default()
         })

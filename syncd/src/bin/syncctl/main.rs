@@ -4,10 +4,9 @@
 //! Exit codes: 0 success, 1 error (daemon unreachable, unknown directory,
 //! refused action), 2 usage error, 3 `wait` timed out.
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
@@ -15,6 +14,9 @@ use comfy_table::{Table, presets};
 use sync_proto::admin as pba;
 use sync_proto::admin::admin_client::AdminClient;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+mod wait;
+use wait::wait;
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_TIMEOUT: u8 = 3;
@@ -325,6 +327,11 @@ fn status_text(s: &pba::StatusReply) -> String {
         p.suspect,
         p.dead
     );
+    out.push_str(&match (s.tls, s.certificate_days) {
+        (false, _) => "tls: off (the peer port is not authenticated)\n".to_string(),
+        (true, d) if d < 0.0 => format!("tls: CERTIFICATE EXPIRED {:.0} days ago\n", -d),
+        (true, d) => format!("tls: certificate expires in {d:.0} days\n"),
+    });
     if s.upload_cap + s.download_cap > 0 {
         out.push_str(&format!(
             "caps: upload {}, download {}\n",
@@ -560,139 +567,4 @@ async fn control_with(
         }
     }
     Ok(())
-}
-
-/// What a wait is waiting for, computed from one status.
-struct Goal {
-    done: bool,
-    line: String,
-    /// Nodes at the target version, of how many must be.
-    at: u64,
-    of: u64,
-}
-
-fn goal(d: &pba::DirStatus, target: u64, fleet: bool) -> Goal {
-    let behind: Vec<&str> = d
-        .peers
-        .iter()
-        .filter(|p| p.version < target)
-        .map(|p| p.node_id.as_str())
-        .collect();
-    let here = d.local_version >= target;
-    let done = here && (!fleet || behind.is_empty());
-    let (at, of) = if fleet {
-        (
-            u64::from(here) + (d.peers.len() - behind.len()) as u64,
-            1 + d.peers.len() as u64,
-        )
-    } else {
-        (u64::from(here), 1)
-    };
-    let mut line = format!(
-        "{}: v{} here (want v{target}), {}",
-        d.id, d.local_version, d.state
-    );
-    if d.pending_files + d.pending_bytes > 0 {
-        line.push_str(&format!(
-            ", {} files / {} pending",
-            d.pending_files,
-            bytes(d.pending_bytes)
-        ));
-    }
-    if fleet {
-        line.push_str(&format!(
-            ", {}/{} peers at v{target}+",
-            d.peers.len() - behind.len(),
-            d.peers.len()
-        ));
-    }
-    if !d.reason.is_empty() {
-        line.push_str(&format!(" [{}]", d.reason));
-    }
-    Goal { done, line, at, of }
-}
-
-async fn wait(
-    client: &mut AdminClient<Channel>,
-    dir: &str,
-    version: Option<u64>,
-    fleet: bool,
-    timeout: Duration,
-    json: bool,
-) -> Result<(), Failure> {
-    let deadline = Instant::now() + timeout;
-    let find = |s: pba::StatusReply| {
-        let known: Vec<String> = s.dirs.iter().map(|d| d.id.clone()).collect();
-        s.dirs.into_iter().find(|d| d.id == dir).ok_or_else(|| {
-            anyhow::anyhow!(
-                "unknown directory {dir:?}; this node syncs: {}",
-                known.join(", ")
-            )
-        })
-    };
-    let mut first = find(status(client).await?)?;
-    if version.is_none() && first.mode == "source" {
-        // On the source, "the newest" means what is on disk now: scan it
-        // (synchronously) so a change made just before is the target.
-        client
-            .control(pba::ControlRequest {
-                action: "rescan".into(),
-                dirs: vec![dir.to_string()],
-                all: false,
-                priority: String::new(),
-            })
-            .await
-            .map_err(rpc_error)?;
-        first = find(status(client).await?)?;
-    }
-    let target = version.unwrap_or(first.fleet_version.max(1));
-    // On a terminal: a bar of nodes at the version, with the details.
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(1);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes  {msg}",
-            )
-            .expect("valid template"),
-        );
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
-    let mut last_line = String::new();
-    loop {
-        let d = find(status(client).await?)?;
-        let g = goal(&d, target, fleet);
-        if let Some(b) = &bar {
-            b.set_length(g.of);
-            b.set_position(g.at);
-        }
-        if g.line != last_line {
-            match &bar {
-                Some(b) => b.set_message(g.line.clone()),
-                None if !json => eprintln!("{}", g.line),
-                None => {}
-            }
-            last_line = g.line.clone();
-        }
-        if g.done {
-            if let Some(b) = bar {
-                b.finish_with_message(g.line);
-            }
-            if json {
-                print_json(&d)?;
-            }
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            if let Some(b) = bar {
-                b.abandon();
-            }
-            return Err(Failure(
-                EXIT_TIMEOUT,
-                anyhow::anyhow!("timed out after {timeout:?}: {}", g.line),
-            ));
-        }
-        // Polling the local daemon is the interface: status is cheap.
-        tokio::time::sleep(Duration::from_millis(200).min(deadline - Instant::now())).await;
-    }
 }

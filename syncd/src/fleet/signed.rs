@@ -1,0 +1,165 @@
+//! Signed versions in the fleet view (issue 11): under mutual TLS every
+//! version a record lists — held or being received — must carry its
+//! publisher's signature, checked against the fleet CA with a
+//! certificate the record carries ([`crate::tls::sign`]). A record with
+//! an unsigned or wrongly signed version is refused whole: its sender (or
+//! whoever relayed it) is lying, and a version that no publisher signed
+//! never enters the view, is never relayed and is never pulled.
+//!
+//! Which publishers a directory accepts is this node's own policy
+//! (`publishers` in its `dirs.d` file): a valid signature by another
+//! fleet node is kept in the view, but [`FleetView::newest`] passes over
+//! it (see `Table::publishers`).
+//!
+//! Checks are remembered by the hash of what was signed and the
+//! signature, so a version relayed in a thousand records is verified once;
+//! the memory also tells which certificate vouches for a version, so this
+//! node's own record can carry it on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use sync_proto::pb;
+
+use crate::locks::LockExt as _;
+use crate::tls::{Tls, sign};
+
+/// Most checked signatures remembered; beyond, all but this node's own
+/// are forgotten (and checked again when next seen).
+const MAX_VERIFIED: usize = 1 << 14;
+
+type Key = [u8; 32];
+
+fn key(v: &pb::DirVersion) -> Key {
+    let mut h = blake3::Hasher::new();
+    h.update(&sign::payload(v));
+    h.update(&v.signature);
+    *h.finalize().as_bytes()
+}
+
+/// Signing this node's versions and checking everyone's.
+#[derive(Debug)]
+pub struct Signatures {
+    tls: Arc<Tls>,
+    /// Checked versions → the certificate that verified each.
+    verified: Mutex<HashMap<Key, Arc<Vec<u8>>>>,
+    /// This node's own versions: kept when `verified` is cleared.
+    pinned: Mutex<HashSet<Key>>,
+}
+
+impl Signatures {
+    pub fn new(tls: Arc<Tls>) -> Signatures {
+        Signatures {
+            tls,
+            verified: Mutex::default(),
+            pinned: Mutex::default(),
+        }
+    }
+
+    pub fn tls(&self) -> &Arc<Tls> {
+        &self.tls
+    }
+
+    /// Signs a version this node publishes, stamped with the wall clock.
+    pub fn sign(&self, v: &mut pb::DirVersion) {
+        let signer = self.tls.signer();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        signer.sign(v, now);
+        self.remember(key(v), signer.cert());
+    }
+
+    fn remember(&self, k: Key, cert: Arc<Vec<u8>>) {
+        let mut m = self.verified.locked();
+        if m.len() >= MAX_VERIFIED {
+            let pinned = self.pinned.locked();
+            m.retain(|k, _| pinned.contains(k));
+        }
+        m.insert(k, cert);
+    }
+
+    /// Checks one version with the certificates offered (DER); returns the
+    /// one that vouches for it.
+    pub fn check(&self, v: &pb::DirVersion, certs: &[Vec<u8>]) -> Result<Arc<Vec<u8>>, String> {
+        let ids: Vec<Option<String>> = certs
+            .iter()
+            .map(|c| crate::tls::node_id_of(&c.as_slice().into()))
+            .collect();
+        self.check_with(v, certs, &ids)
+    }
+
+    fn check_with(
+        &self,
+        v: &pb::DirVersion,
+        certs: &[Vec<u8>],
+        ids: &[Option<String>],
+    ) -> Result<Arc<Vec<u8>>, String> {
+        if v.signature.is_empty() {
+            return Err("unsigned".into());
+        }
+        let k = key(v);
+        if let Some(c) = self.verified.locked().get(&k) {
+            return Ok(c.clone());
+        }
+        let mut offered = certs
+            .iter()
+            .zip(ids)
+            .filter(|(_, id)| id.as_deref() == Some(v.publisher.as_str()))
+            .map(|(c, _)| c)
+            .peekable();
+        if offered.peek().is_none() {
+            return Err("no certificate of its publisher came with it".into());
+        }
+        let mut why = String::new();
+        for c in offered {
+            match self.tls.verify_version(v, c) {
+                Ok(()) => {
+                    let c = Arc::new(c.clone());
+                    self.remember(k, c.clone());
+                    return Ok(c);
+                }
+                Err(e) => why = e,
+            }
+        }
+        Err(why)
+    }
+
+    /// Checks every version a record lists, held or being received.
+    pub fn check_record(&self, h: &pb::Holdings) -> Result<(), String> {
+        let ids: Vec<Option<String>> = h
+            .certificates
+            .iter()
+            .map(|c| crate::tls::node_id_of(&c.as_slice().into()))
+            .collect();
+        for v in h.dirs.iter().chain(&h.pulling) {
+            self.check_with(v, &h.certificates, &ids).map_err(|e| {
+                format!(
+                    "version {} of {:?} published by {:?}: {e}",
+                    v.version,
+                    crate::wire::short(&v.dir),
+                    crate::wire::short(&v.publisher)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The certificates vouching for `versions` (this node's own), each
+    /// once; they are kept from now on.
+    pub fn certs_of<'a>(&self, versions: impl Iterator<Item = &'a pb::DirVersion>) -> Vec<Vec<u8>> {
+        let keys: Vec<Key> = versions.map(key).collect();
+        let m = self.verified.locked();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for k in &keys {
+            if let Some(c) = m.get(k)
+                && !out.iter().any(|o| o == c.as_ref())
+            {
+                out.push(c.as_ref().clone());
+            }
+        }
+        drop(m);
+        *self.pinned.locked() = keys.into_iter().collect();
+        out
+    }
+}

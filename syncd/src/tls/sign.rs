@@ -1,0 +1,155 @@
+//! Signed versions (issue 11): a publisher signs each version it
+//! publishes with the Ed25519 key of its node certificate; every node
+//! that takes the version in — directly or relayed — checks the signature
+//! and that the certificate chains to the fleet CA and names the
+//! publisher. A relay can then neither forge a version nor change one.
+//!
+//! What is signed is [`payload`]: a fixed prefix, then every field of the
+//! `DirVersion` but the signature, each of fixed size or length-prefixed,
+//! so no two versions share a payload.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use sync_proto::pb;
+
+/// Largest certificate a record may carry (`syncd pki issue` makes them
+/// under 600 bytes).
+pub const MAX_CERT_BYTES: usize = 2048;
+/// Most certificates one record may carry: one per publisher of the
+/// versions it lists.
+pub const MAX_RECORD_CERTS: usize = 64;
+/// Signatures are Ed25519.
+pub const SIGNATURE_BYTES: usize = 64;
+
+const DOMAIN: &[u8] = b"syncd signed version 1\0";
+
+/// The bytes a version's signature covers.
+pub fn payload(v: &pb::DirVersion) -> Vec<u8> {
+    let mut p = Vec::with_capacity(DOMAIN.len() + 96 + v.dir.len() + v.publisher.len());
+    p.extend_from_slice(DOMAIN);
+    for s in [&v.dir, &v.publisher] {
+        p.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        p.extend_from_slice(s.as_bytes());
+    }
+    p.extend_from_slice(&(v.root.len() as u32).to_be_bytes());
+    p.extend_from_slice(&v.root);
+    for n in [v.version, v.entries, v.bytes, v.time] {
+        p.extend_from_slice(&n.to_be_bytes());
+    }
+    p
+}
+
+/// This node's signing key and the certificate that vouches for it.
+pub struct Signer {
+    key: SigningKey,
+    cert: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// The node's TLS key, which must be Ed25519 (`syncd pki issue` makes
+    /// such keys); the caller has checked it matches `cert`.
+    pub(super) fn new(
+        key: &PrivateKeyDer<'_>,
+        cert: &CertificateDer<'_>,
+    ) -> Result<Signer, String> {
+        let PrivateKeyDer::Pkcs8(der) = key else {
+            return Err("not a PKCS#8 key; versions are signed with an Ed25519 key (issue one with `syncd pki issue`)".into());
+        };
+        let key = SigningKey::from_pkcs8_der(der.secret_pkcs8_der()).map_err(|e| {
+            format!("not an Ed25519 key ({e}); versions are signed with the node key, so issue the node an Ed25519 certificate with `syncd pki issue`")
+        })?;
+        Ok(Signer {
+            key,
+            cert: Arc::new(cert.as_ref().to_vec()),
+        })
+    }
+
+    /// Stamps `v` with `time` (ms since the epoch) and signs it.
+    pub fn sign(&self, v: &mut pb::DirVersion, time: u64) {
+        v.time = time;
+        v.signature = self.key.sign(&payload(v)).to_bytes().to_vec();
+    }
+
+    /// The certificate (DER) a verifier needs.
+    pub fn cert(&self) -> Arc<Vec<u8>> {
+        self.cert.clone()
+    }
+}
+
+/// Checks that `v` is signed by its publisher with the key of `cert`, and
+/// that `cert` chains to `roots` and was valid when `v` was published.
+pub fn verify(
+    roots: &RootCertStore,
+    provider: &CryptoProvider,
+    v: &pb::DirVersion,
+    cert: &[u8],
+) -> Result<(), String> {
+    if v.signature.len() != SIGNATURE_BYTES {
+        return Err(if v.signature.is_empty() {
+            "unsigned".to_string()
+        } else {
+            format!("a signature of {} bytes", v.signature.len())
+        });
+    }
+    let der = CertificateDer::from(cert);
+    match super::node_id_of(&der) {
+        Some(id) if id == v.publisher => {}
+        Some(id) => {
+            return Err(format!(
+                "signed with the certificate of {id:?}, not of its publisher {:?}",
+                wire_short(&v.publisher)
+            ));
+        }
+        None => return Err("signed with a certificate that names no node".into()),
+    }
+    let parsed = rustls::server::ParsedCertificate::try_from(&der)
+        .map_err(|e| format!("the publisher's certificate does not parse: {e}"))?;
+    let at = UnixTime::since_unix_epoch(Duration::from_millis(v.time));
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        &[],
+        at,
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| format!("the publisher's certificate is not valid under the fleet CA when the version was signed: {e}"))?;
+    let key = ed25519_key(cert)?;
+    let sig = ed25519_dalek::Signature::from_slice(&v.signature)
+        .map_err(|e| format!("a malformed signature: {e}"))?;
+    key.verify_strict(&payload(v), &sig)
+        .map_err(|_| "a signature that does not match its content".to_string())
+}
+
+fn wire_short(s: &str) -> String {
+    crate::wire::short(s)
+}
+
+/// The Ed25519 public key of a certificate.
+fn ed25519_key(cert: &[u8]) -> Result<VerifyingKey, String> {
+    use x509_parser::prelude::*;
+    let (_, x) = X509Certificate::from_der(cert)
+        .map_err(|e| format!("the publisher's certificate does not parse: {e}"))?;
+    let spki = x.public_key();
+    if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+        return Err("the publisher's certificate has no Ed25519 key".into());
+    }
+    let bytes: [u8; 32] = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| "the publisher's Ed25519 key is not 32 bytes".to_string())?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("the publisher's key is unusable: {e}"))
+}
