@@ -335,6 +335,7 @@ impl pba::admin_server::Admin for AdminService {
                     bytes_received: p.bytes_received,
                     holds,
                     corrupt_chunks: p.corrupt_chunks,
+                    demoted: p.demoted_for().unwrap_or_default().into(),
                 }
             })
             .collect();

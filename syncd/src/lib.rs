@@ -48,6 +48,7 @@ pub mod env;
 pub mod error;
 pub mod fetch;
 pub mod fleet;
+pub mod fuzzing;
 pub mod haves;
 pub mod hooks;
 pub mod index;

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub hook_runs: IntCounterVec,
     pub hook_duration: HistogramVec,
     pub corrupt_chunks: IntCounterVec,
+    pub peer_demotions: IntCounterVec,
     pub consecutive_failures: IntGaugeVec,
     pub sent_by_role: IntCounterVec,
     pub transfer_sources: IntGaugeVec,
@@ -197,6 +198,11 @@ impl Metrics {
                 "Chunks peers sent that were rejected: wrong length or failing BLAKE3.",
                 &["reason"],
             )?,
+            peer_demotions: counter(
+                "syncd_peer_demotions_total",
+                "Peers whose claims of versions were ignored for a while: they listed a version and withheld or corrupted its manifest or chunks.",
+                &["reason"],
+            )?,
             consecutive_failures: gauge(
                 "syncd_dir_consecutive_failures",
                 "Failed attempts in a row at the directory's work (0 after a success); retries back off.",
@@ -240,6 +246,9 @@ impl Metrics {
         }
         for reason in ["length", "hash"] {
             m.corrupt_chunks.with_label_values(&[reason]);
+        }
+        for reason in ["manifest", "chunks"] {
+            m.peer_demotions.with_label_values(&[reason]);
         }
         let build = gauge(
             "syncd_build_info",

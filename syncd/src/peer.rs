@@ -29,11 +29,13 @@ use crate::transport::{Caller, ChunkStream, PeerHandler, Transport};
 pub use crate::transport::grpc::MAX_MESSAGE_BYTES;
 pub use crate::transport::{MAX_BATCH_BYTES, MAX_CHUNKS_PER_CALL, MAX_NODES_PER_CALL};
 mod admission;
+mod any_holder;
 use admission::StreamPermits;
 pub use admission::{
     MAX_NODE_CALLS, MAX_NODE_CALLS_PER_PEER, MAX_STREAMS, MAX_STREAMS_PER_PEER, STREAM_STALL,
     Serving,
 };
+pub use any_holder::AnyHolder;
 
 fn hash_of(b: &[u8]) -> Result<Hash, Refusal> {
     Hash::from_slice(b).ok_or_else(|| Refusal::Invalid {
@@ -444,6 +446,11 @@ impl RemotePeer {
                     metrics.corrupt_chunks.with_label_values(&["length"]).inc();
                     fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, expected = len, got = c.data.len(), "peer sent a chunk of the wrong length; rejected as corrupt");
+                    fleet.demote(
+                        &peer,
+                        "chunks",
+                        &format!("sent chunk {h} of the wrong length"),
+                    );
                     return Err(Status::data_loss(format!(
                         "peer {peer} sent chunk {h} of {} bytes, the recipe says {len}",
                         c.data.len()
@@ -454,6 +461,11 @@ impl RemotePeer {
                     metrics.corrupt_chunks.with_label_values(&["hash"]).inc();
                     fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
+                    fleet.demote(
+                        &peer,
+                        "chunks",
+                        &format!("sent chunk {h} that fails BLAKE3"),
+                    );
                 }
             }
         }

@@ -12,29 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sync_proto::pb;
-use syncd::tls::{Tls, TlsFiles, pki};
+use syncd::tls::{Tls, pki};
 use syncd::transport::Transport as _;
 use syncd::transport::grpc::GrpcTransport;
 
 mod common;
-use common::{Daemon, converge, snapshot};
+use common::{Daemon, converge, snapshot, tls_files as files};
 
 fn tls_lines(ca: &Path, certs: &Path, id: &str) -> String {
-    let f = files(ca, certs, id);
-    format!(
-        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        f.ca.display(),
-        f.cert.display(),
-        f.key.display()
-    )
-}
-
-fn files(ca: &Path, certs: &Path, id: &str) -> TlsFiles {
-    TlsFiles {
-        ca: pki::ca_files(ca).0,
-        cert: certs.join(format!("{id}.pem")),
-        key: certs.join(format!("{id}.key")),
-    }
+    common::tls_lines(&files(ca, certs, id))
 }
 
 /// Mallory's record, listing `dirs` with `certificates`.

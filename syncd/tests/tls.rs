@@ -6,33 +6,15 @@
 //! start; `syncctl status` shows the days left.
 
 use std::fs;
-use std::path::Path;
 use std::sync::Arc;
 
 use sync_proto::pb;
-use syncd::tls::{Tls, TlsFiles, pki};
+use syncd::tls::{Tls, pki};
 use syncd::transport::Transport as _;
 use syncd::transport::grpc::GrpcTransport;
 
 mod common;
-use common::{Daemon, converge, until};
-
-fn files(ca_dir: &Path, certs: &Path, id: &str) -> TlsFiles {
-    TlsFiles {
-        ca: pki::ca_files(ca_dir).0,
-        cert: certs.join(format!("{id}.pem")),
-        key: certs.join(format!("{id}.key")),
-    }
-}
-
-fn tls_lines(f: &TlsFiles) -> String {
-    format!(
-        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        f.ca.display(),
-        f.cert.display(),
-        f.key.display()
-    )
-}
+use common::{Daemon, converge, tls_files as files, tls_lines, until};
 
 /// A record as `id` would send it from `address`.
 fn record(id: &str, address: &str) -> pb::Holdings {

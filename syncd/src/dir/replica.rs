@@ -19,7 +19,7 @@ use crate::fleet::Holder;
 use crate::local::LocalNode;
 use crate::locks::LockExt as _;
 use crate::materialize::{self, InFlight, LocalChunks};
-use crate::peer::{PeerChunks, RemotePeer};
+use crate::peer::{AnyHolder, PeerChunks, RemotePeer};
 
 /// Most peers one transfer fetches from at once (full holders and other
 /// receivers of the version).
@@ -227,23 +227,27 @@ fn transfer(
             )
         })
         .collect();
-    // The manifest comes from a full holder (the nearest).
-    let (first, _) = peers
+    // The manifest comes from the full holders, nearest first: any of
+    // them will do (nodes are checked against their ids), so one that
+    // withholds or corrupts it is passed over.
+    let full: Vec<&RemotePeer> = peers
         .iter()
         .zip(holders)
-        .find(|(_, h)| !h.partial)
-        .ok_or_else(|| {
-            SyncError::Local(format!(
-                "no live peer holds version {} of {:?}",
-                version.version, dir.id
-            ))
-        })?;
-    involved.push(first.id.clone());
+        .filter(|(_, h)| !h.partial)
+        .map(|(p, _)| p)
+        .collect();
+    if full.is_empty() {
+        return Err(SyncError::Local(format!(
+            "no live peer holds version {} of {:?}",
+            version.version, dir.id
+        )));
+    }
+    let any = AnyHolder::new(full);
     let store = &node.store;
     let min_chunk = store.chunker().min();
     // Pages may repeat (the tree is a DAG): each distinct node is fetched
     // once, and the walk is bounded by what the version declares.
-    let remote = manifest::CachedNodes::new(first, NODE_CACHE_BYTES);
+    let remote = manifest::CachedNodes::new(&any, NODE_CACHE_BYTES);
     // What the version declares, but never more bytes than could be on
     // this disk once applied (what is here now plus the free space): a
     // peer declaring 2^64 bytes gets no larger a budget than that.
@@ -262,16 +266,38 @@ fn transfer(
         Some(remote_root),
         &mut |h| probe.has(h),
         limits,
-    )
-    .map_err(|e| {
-        SyncError::store(
-            format!("diff of {:?} against peer {}", dir.id, first.id),
-            Some(&first.id),
-            e,
-        )
+    );
+    // Who served the manifest, and who was passed over (tried last on a
+    // retry).
+    involved.push(any.current().to_string());
+    involved.extend(any.failed().into_iter().map(|(id, _)| id));
+    for (id, why) in any.lied() {
+        node.fleet.demote_holder(
+            &id,
+            version,
+            &format!("version {} of {:?}: {why}", version.version, dir.id),
+        );
+    }
+    let diff = diff.map_err(|e| {
+        let passed: Vec<String> = any
+            .failed()
+            .into_iter()
+            .map(|(id, why)| format!("{id}: {why}"))
+            .collect();
+        let context = if passed.is_empty() {
+            format!("diff of {:?} against peer {}", dir.id, any.current())
+        } else {
+            format!(
+                "diff of {:?} (holders passed over: {})",
+                dir.id,
+                passed.join("; ")
+            )
+        };
+        SyncError::store(context, Some(any.current()), e)
     })?;
     drop(probe);
-    check_changes(dir, &diff, &first.id)?;
+    let first = any.current().to_string();
+    check_changes(dir, &diff, &first)?;
     let needed = space_needed(&diff);
     if needed.saturating_add(dir.limits.min_free_space) > free {
         return Err(SyncError::Policy(format!(
@@ -279,7 +305,7 @@ fn transfer(
              the file system of {}, which has {free} free and keeps {} (min_free_space)",
             version.version,
             dir.id,
-            first.id,
+            first,
             dir.path.display(),
             dir.limits.min_free_space
         )));

@@ -32,6 +32,9 @@ pub struct PeerState {
     pub corrupt_chunks: u64,
     /// When SWIM declared it down (for forgetting it after [`DEAD_TTL`]).
     pub down_since: Option<tokio::time::Instant>,
+    /// Until when its claims are ignored, and why: it listed a version
+    /// and withheld or corrupted it ([`super::FleetView::demote`]).
+    pub demoted: Option<(tokio::time::Instant, String)>,
 }
 
 impl PeerState {
@@ -50,6 +53,7 @@ impl PeerState {
             bytes_received: 0,
             corrupt_chunks: 0,
             down_since: None,
+            demoted: None,
         }
     }
 
@@ -67,6 +71,19 @@ impl PeerState {
 
     pub fn live(&self) -> bool {
         self.liveness() != Liveness::Down
+    }
+
+    /// Why its claims are ignored now (`None`: they are not).
+    pub fn demoted_for(&self) -> Option<&str> {
+        self.demoted
+            .as_ref()
+            .filter(|(until, _)| tokio::time::Instant::now() < *until)
+            .map(|(_, why)| why.as_str())
+    }
+
+    /// Live, and its claims of versions believed.
+    pub fn trusted(&self) -> bool {
+        self.live() && self.demoted_for().is_none()
     }
 
     /// Whether it has been down long enough to be forgotten.

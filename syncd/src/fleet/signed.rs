@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use sync_proto::pb;
 
+use super::FleetView;
 use crate::locks::LockExt as _;
 use crate::tls::{Tls, sign};
 
@@ -161,5 +162,51 @@ impl Signatures {
         drop(m);
         *self.pinned.locked() = keys.into_iter().collect();
         out
+    }
+}
+
+impl FleetView {
+    /// From now on every version is signed and checked ([`signed`]).
+    pub fn set_tls(&self, tls: Arc<crate::tls::Tls>) {
+        let _ = self.signatures.set(Signatures::new(tls));
+    }
+
+    /// This node's TLS, when it runs it.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.signatures.get().map(|s| s.tls())
+    }
+
+    /// Signs a version this node publishes (without TLS: leaves it be).
+    pub fn sign(&self, v: &mut pb::DirVersion) {
+        if let Some(s) = self.signatures.get() {
+            s.sign(v);
+        }
+    }
+
+    /// Checks a version this node kept (persisted) with the certificate
+    /// kept with it.
+    pub fn admit(&self, v: &pb::DirVersion, cert: &[u8]) -> Result<(), String> {
+        match self.signatures.get() {
+            Some(s) => s.check(v, &[cert.to_vec()]).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The certificate vouching for a version this node took in.
+    pub fn cert_of(&self, v: &pb::DirVersion) -> Vec<u8> {
+        self.signatures
+            .get()
+            .and_then(|s| s.certs_of(std::iter::once(v)).pop())
+            .unwrap_or_default()
+    }
+
+    /// Which nodes may publish `dir` here (empty: any node of the fleet).
+    pub fn set_publishers(&self, dir: &str, publishers: Vec<String>) {
+        let mut t = self.table.locked();
+        if publishers.is_empty() {
+            t.publishers.remove(dir);
+        } else {
+            t.publishers.insert(dir.to_string(), publishers);
+        }
     }
 }

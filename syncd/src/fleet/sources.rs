@@ -11,6 +11,7 @@
 //! they fetched from it; it finished 0.5–0.7 s after them.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use sync_proto::pb;
 
@@ -18,7 +19,39 @@ use super::{FleetView, Holder, PeerState};
 use crate::locks::LockExt as _;
 use crate::topology::PeerClass;
 
+/// How long a peer that withheld or corrupted a version it listed is
+/// passed over ([`FleetView::demote`]).
+pub const DEMOTE_FOR: Duration = Duration::from_secs(600);
+
 impl FleetView {
+    /// Demotes holder `id` for not serving the manifest of `v` — if its
+    /// record still lists `v` as held: one that moved on to a newer
+    /// version (and collected the old one's nodes) did not lie.
+    pub fn demote_holder(&self, id: &str, v: &pb::DirVersion, why: &str) {
+        let still = self.table.locked().peers.get(id).is_some_and(|p| {
+            p.held(&v.dir)
+                .is_some_and(|h| h.version == v.version && h.root == v.root)
+        });
+        if still {
+            self.demote(id, "manifest", why);
+        } else {
+            tracing::debug!(peer = %id, "not demoting a holder that moved on: {why}");
+        }
+    }
+
+    /// Ignores peer `id`'s claims of versions for [`DEMOTE_FOR`]: it listed
+    /// a version and withheld or corrupted it. It stays a member (SWIM,
+    /// gossip); it is no source and no evidence of a newer version
+    /// meanwhile.
+    pub fn demote(&self, id: &str, kind: &str, why: &str) {
+        let until = self.env.now() + DEMOTE_FOR;
+        if let Some(p) = self.table.locked().peers.get_mut(id) {
+            tracing::warn!(peer = %id, ignored_for = %humantime::format_duration(DEMOTE_FOR), "demoting a peer: its claims of versions are ignored for a while: {why}");
+            p.demoted = Some((until, why.to_string()));
+            self.metrics.peer_demotions.with_label_values(&[kind]).inc();
+        }
+    }
+
     /// Live peers holding `v` (then those receiving it), nearest first —
     /// by topology tier, then by measured gossip round trip in bands of a
     /// factor of two (unmeasured peers last in their tier) — and
@@ -41,7 +74,7 @@ impl FleetView {
         let mut out: Vec<(Holder, u8)> = t
             .peers
             .iter()
-            .filter(|(_, p)| p.live())
+            .filter(|(_, p)| p.trusted())
             .filter_map(|(id, p)| {
                 let partial = if same(p.held(&v.dir)) {
                     false

@@ -481,3 +481,52 @@ async fn records_need_signed_versions_and_publishers_pick_the_newest() {
     );
     assert_eq!(v.own_record().certificates, r.certificates);
 }
+
+/// Issue 11, item 5: a peer that withheld or corrupted a version it
+/// listed is, for DEMOTE_FOR, neither the newest version nor a source;
+/// the operator sees why; then it counts again.
+#[tokio::test(start_paused = true)]
+async fn a_demoted_peer_is_no_source_for_a_while() {
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        1,
+    );
+    let learn_both = || {
+        v.learn(
+            record("liar", 5, Default::default(), vec!["www"]),
+            Via::Direct,
+        )
+        .unwrap();
+        v.learn(
+            record("good", 3, Default::default(), vec!["www"]),
+            Via::Direct,
+        )
+        .unwrap();
+    };
+    learn_both();
+    let five = v.newest("www").unwrap();
+    assert_eq!(five.version, 5);
+    assert_eq!(v.holders(&five).len(), 1);
+    v.demote("liar", "manifest", "withheld version 5 of \"www\"");
+    assert_eq!(v.newest("www").unwrap().version, 3);
+    assert!(v.holders(&five).is_empty());
+    let liar = v
+        .peers()
+        .into_iter()
+        .find(|(id, _)| id == "liar")
+        .unwrap()
+        .1;
+    assert_eq!(liar.demoted_for(), Some("withheld version 5 of \"www\""));
+    assert_eq!(
+        v.metrics
+            .peer_demotions
+            .with_label_values(&["manifest"])
+            .get(),
+        1
+    );
+    tokio::time::advance(DEMOTE_FOR + Duration::from_secs(1)).await;
+    learn_both();
+    assert_eq!(v.newest("www").unwrap().version, 5);
+}

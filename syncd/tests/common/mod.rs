@@ -388,3 +388,23 @@ pub fn peer_state(d: &Daemon, peer: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The `[tls]` files `syncd pki issue` wrote for node `id` under `certs`,
+/// with the CA in `ca_dir`.
+pub fn tls_files(ca_dir: &Path, certs: &Path, id: &str) -> syncd::tls::TlsFiles {
+    syncd::tls::TlsFiles {
+        ca: syncd::tls::pki::ca_files(ca_dir).0,
+        cert: certs.join(format!("{id}.pem")),
+        key: certs.join(format!("{id}.key")),
+    }
+}
+
+/// `[tls]` for syncd.toml naming `f`.
+pub fn tls_lines(f: &syncd::tls::TlsFiles) -> String {
+    format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        f.ca.display(),
+        f.cert.display(),
+        f.key.display()
+    )
+}

@@ -436,7 +436,11 @@ fn peers_text(p: &pba::PeersReply) -> String {
         t.add_row(vec![
             x.node_id.clone(),
             x.address.clone(),
-            x.state.clone(),
+            if x.demoted.is_empty() {
+                x.state.clone()
+            } else {
+                format!("{}, demoted: {}", x.state, x.demoted)
+            },
             x.class.clone(),
             if x.rtt_ms > 0.0 {
                 format!("{:.1} ms", x.rtt_ms)
