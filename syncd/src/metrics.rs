@@ -200,7 +200,7 @@ impl Metrics {
             )?,
             peer_demotions: counter(
                 "syncd_peer_demotions_total",
-                "Peers whose claims of versions were ignored for a while: they listed a version and withheld or corrupted its manifest or chunks.",
+                "Peers whose claims of versions were ignored for a while: they listed a version and withheld or corrupted its manifest.",
                 &["reason"],
             )?,
             consecutive_failures: gauge(
@@ -247,9 +247,7 @@ impl Metrics {
         for reason in ["length", "hash"] {
             m.corrupt_chunks.with_label_values(&[reason]);
         }
-        for reason in ["manifest", "chunks"] {
-            m.peer_demotions.with_label_values(&[reason]);
-        }
+        m.peer_demotions.with_label_values(&["manifest"]);
         let build = gauge(
             "syncd_build_info",
             "Always 1; the version of syncd as a label.",

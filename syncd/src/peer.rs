@@ -446,11 +446,6 @@ impl RemotePeer {
                     metrics.corrupt_chunks.with_label_values(&["length"]).inc();
                     fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, expected = len, got = c.data.len(), "peer sent a chunk of the wrong length; rejected as corrupt");
-                    fleet.demote(
-                        &peer,
-                        "chunks",
-                        &format!("sent chunk {h} of the wrong length"),
-                    );
                     return Err(Status::data_loss(format!(
                         "peer {peer} sent chunk {h} of {} bytes, the recipe says {len}",
                         c.data.len()
@@ -461,11 +456,6 @@ impl RemotePeer {
                     metrics.corrupt_chunks.with_label_values(&["hash"]).inc();
                     fleet.add_corrupt(&peer, 1);
                     tracing::warn!(peer = %peer, chunk = %h, "peer sent a chunk that fails BLAKE3 verification");
-                    fleet.demote(
-                        &peer,
-                        "chunks",
-                        &format!("sent chunk {h} that fails BLAKE3"),
-                    );
                 }
             }
         }
