@@ -22,6 +22,7 @@
 //! | `peer_supplied_keys` | 8: peer-supplied keys (labels, metric labels) |
 //! | `reads_outside_root` | 9: reads outside the root through a symlink |
 //! | `modes_and_names`    | 11: modes and names (setuid, duplicates, reserved names, mtimes) |
+//! | `withholding`        | trust issue, item 5: a holder that lists the real version and serves nothing |
 //!
 //! Every replica test also checks, at the end, that the daemon is still up
 //! and answers `syncctl`, wrote nothing beside its root (canary trees next
@@ -277,6 +278,12 @@ impl FakePeer {
             bytes: v.bytes,
             ..Default::default()
         }];
+    }
+
+    /// Lists `v` (another node's genuine version) as held, serving
+    /// nothing of it.
+    fn claim(&self, v: pb::DirVersion) {
+        self.shared.state.lock().unwrap().holdings = vec![v];
     }
 
     fn set_labels(&self, labels: HashMap<String, String>) {
@@ -2188,4 +2195,133 @@ fn modes_and_names() {
     current = site("after the far future");
     rig.recover(&current, "the next version after the far-future mtime");
     rig.finish(150);
+}
+
+/// Trust issue (11), item 5: a peer that copied the real (version, root)
+/// and answered `GetNodes` with nothing blocked pulls, because the
+/// manifest was read only from the first full holder and its
+/// self-declared labels sorted it first. Now the replica reads the
+/// manifest from the next holder in the same pull — no failed attempt —
+/// and the liar is demoted, visibly.
+#[test]
+fn withholding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src_ip, r_ip, fake_ip) = ("127.0.60.1", "127.0.60.2", "127.0.60.3");
+    let fake = FakePeer::start(fake_ip);
+    // The liar says it sits in the replica's rack; the source elsewhere.
+    fake.set_labels(HashMap::from([("rack".to_string(), "r1".to_string())]));
+    let src = Daemon::with(
+        tmp.path(),
+        "src",
+        src_ip,
+        "source",
+        &[r_ip],
+        "labels = { rack = \"r9\" }",
+        "",
+    );
+    fs::write(src.data.join("index.html"), b"the real content").unwrap();
+    // The liar lists src's genuine version, as any node that saw it can.
+    let genuine = |min: u64| {
+        wait_for(&src, 30, "src's version", || {
+            let probe = syncd::transport::grpc::GrpcTransport::default();
+            let me = pb::Holdings {
+                from: Some(pb::Member {
+                    node_id: "probe".into(),
+                    address: "127.0.60.9:7400".into(),
+                    labels: Default::default(),
+                }),
+                protocol: syncd::wire::PROTOCOL,
+                incarnation: 1,
+                seq: 1,
+                ..Default::default()
+            };
+            use syncd::transport::Transport as _;
+            let reply = fake
+                .rt()
+                .block_on(probe.exchange(&format!("{src_ip}:7400"), me))
+                .ok()?;
+            reply.dirs.first().filter(|v| v.version >= min).cloned()
+        })
+    };
+    let mut r = Daemon::with(
+        tmp.path(),
+        "r",
+        r_ip,
+        "replica",
+        &[fake_ip, src_ip],
+        "labels = { rack = \"r1\" }",
+        "",
+    );
+    common::converge(&src, &[&r], "the first version, from src");
+    // Each next version: r paused until it sees both src and the liar
+    // holding it, so one pull has both as holders, the liar nearest.
+    let next = |r: &Daemon, n: u64, text: &[u8]| {
+        let (code, _, err) = ctl(r, &["pause", DIR]);
+        assert_eq!(code, 0, "{err}");
+        fs::write(src.data.join("index.html"), text).unwrap();
+        fake.claim(genuine(n));
+        wait_for(
+            r,
+            30,
+            "r to see src and the liar holding the version",
+            || {
+                let peers = ctl_json(r, &["peers"]);
+                let holding = peers["peers"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| {
+                        p["holds"]
+                            .as_array()
+                            .is_some_and(|h| h.iter().any(|h| h["dir"] == DIR && h["version"] == n))
+                    })
+                    .count();
+                (holding == 2).then_some(())
+            },
+        );
+        let (code, _, err) = ctl(r, &["resume", DIR]);
+        assert_eq!(code, 0, "{err}");
+        common::converge(&src, &[r], "the next version, past a withholding holder");
+    };
+    let asked = fake.get_nodes();
+    next(&r, 2, b"the real content, two");
+    assert!(
+        fake.get_nodes() > asked,
+        "the liar was never asked: the test would prove nothing"
+    );
+    let log = fs::read_to_string(&r.log).unwrap();
+    assert!(
+        log.contains("passing over a holder for this version's manifest")
+            && log.contains("demoting a peer"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("sync failed"),
+        "a pull failed on the way: {log}"
+    );
+    let peers = ctl_json(&r, &["peers"]);
+    let evil = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_id"] == EVIL)
+        .expect("the liar is a known peer");
+    assert!(
+        evil["demoted"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not have its node")),
+        "{evil}"
+    );
+    let (_, text, _) = ctl(&r, &["peers"]);
+    assert!(text.contains("demoted"), "{text}");
+    // Demoted, its claims are not believed: listing the third version,
+    // it is not asked for that manifest.
+    let asked = fake.get_nodes();
+    next(&r, 3, b"the real content, three");
+    assert_eq!(fake.get_nodes(), asked, "the demoted liar was asked again");
+    let log = fs::read_to_string(&r.log).unwrap();
+    assert!(
+        !log.contains("sync failed"),
+        "a pull failed on the way: {log}"
+    );
+    alive(&mut r);
 }
