@@ -2,7 +2,7 @@
 //! certificates from the fleet CA sync; a client without a certificate, or
 //! with one from another CA, is refused at the handshake; a client with a
 //! valid certificate cannot claim another node's id, in a record or as a
-//! SWIM sender; an expired certificate is refused at the handshake and at
+//! SWIM sender, nor another node's address; an expired certificate is refused at the handshake and at
 //! start; `syncctl status` shows the days left.
 
 use std::fs;
@@ -164,6 +164,19 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         .swim(&to, swim_as("mallory"))
         .await
         .expect("a packet under its own name is taken");
+    // Nor give itself another node's address: r1 dialled src there and
+    // saw src's certificate.
+    let e = mallory
+        .exchange(&format!("{b}:7400"), record("mallory", &to))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains(&format!(
+            "gives address {to}, where node src presented its certificate"
+        )),
+        "{e}"
+    );
     let log = fs::read_to_string(&src.log).unwrap();
     assert!(
         log.contains("refused a peer") && log.contains("mallory at 127.0.0.1"),

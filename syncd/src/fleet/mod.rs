@@ -325,6 +325,19 @@ impl FleetView {
         if id == self.id {
             return Ok(false);
         }
+        if let Some(holder) = self.transport.identity(&from.address)
+            && holder != id
+        {
+            let reason = format!(
+                "the record of {id} gives address {}, where node {holder} presented its certificate",
+                wire::short(&from.address)
+            );
+            tracing::warn!(peer = %peer(), "refused a record claiming another node's address: {reason}");
+            return Err(Refusal::Denied {
+                peer: peer(),
+                reason,
+            });
+        }
         if let Some(s) = self.signatures.get()
             && let Err(reason) = s.check_record(&h)
         {
@@ -639,6 +652,14 @@ impl Members for FleetView {
         };
         if let Err(e) = wire::check_member(&m) {
             tracing::debug!(error = %e, "ignoring a SWIM member with a malformed identity");
+            return;
+        }
+        // An address is the node that proved, with its certificate, to be
+        // there: a member squatting on it is not taken.
+        if let Some(holder) = self.transport.identity(&id.address)
+            && holder != id.node_id
+        {
+            tracing::warn!(peer = %id.node_id, address = %id.address, certificate = %holder, "ignoring a SWIM member at an address where another node presented its certificate");
             return;
         }
         let now = self.env.now();

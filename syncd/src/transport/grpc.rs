@@ -32,6 +32,8 @@ pub struct GrpcTransport {
     tls: Option<Arc<crate::tls::Tls>>,
     /// Under TLS: the node id each dialled address's certificate names.
     ids: super::tls::PeerIds,
+    /// Under TLS: addresses not dialled again for a while.
+    failing: Arc<super::tls::Failing>,
 }
 
 impl GrpcTransport {
@@ -47,6 +49,11 @@ impl GrpcTransport {
     /// dialled it over TLS.
     pub fn peer_id(&self, to: &str) -> Option<String> {
         self.ids.locked().get(to).cloned()
+    }
+
+    /// Addresses not dialled now because their last attempt failed.
+    pub fn failing(&self) -> usize {
+        self.failing.count()
     }
 
     /// Creates the (lazy) channel to `to` now, as a first call would.
@@ -71,6 +78,7 @@ impl GrpcTransport {
                         Some(tls) => e.connect_with_connector_lazy(super::tls::Dialer {
                             tls: tls.clone(),
                             ids: self.ids.clone(),
+                            failing: self.failing.clone(),
                             connect_timeout: CONNECT_TIMEOUT,
                         }),
                         None => e.connect_lazy(),
@@ -136,6 +144,10 @@ impl Transport for GrpcTransport {
 
     fn retain(&self, keep: &dyn Fn(&str) -> bool) {
         self.channels.locked().retain(|a, _| keep(a));
+    }
+
+    fn identity(&self, to: &str) -> Option<String> {
+        self.peer_id(to)
     }
 
     fn known(&self) -> Vec<String> {

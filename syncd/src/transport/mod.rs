@@ -121,6 +121,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
     fn retain(&self, keep: &dyn Fn(&str) -> bool);
     /// Addresses something is kept for.
     fn known(&self) -> Vec<String>;
+    /// The node whose certificate the peer at `to` presented when this
+    /// node dialled it (under TLS; `None` otherwise or not yet dialled):
+    /// an address is bound to the node that proved it is there.
+    fn identity(&self, _to: &str) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]

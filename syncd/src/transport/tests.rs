@@ -292,3 +292,53 @@ async fn in_memory_links_can_be_cut_delayed_and_counted() {
     let e = t.exchange(a, h()).await.unwrap_err();
     assert!(e.message().contains("nothing listens"), "{e}");
 }
+
+/// Issue 11, item 3 (no reflector): under TLS an address that presents no
+/// fleet certificate is dialled once, not on every call, for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_without_a_fleet_certificate_is_not_dialled_again() {
+    use crate::tls::{Tls, TlsFiles, pki};
+    let t = tempfile::tempdir().unwrap();
+    let (ca, certs) = (t.path().join("ca"), t.path().join("certs"));
+    pki::init(&ca, "test CA", 5).unwrap();
+    pki::issue(&ca, "me", 5, &certs).unwrap();
+    let tls = Tls::new(
+        TlsFiles {
+            ca: pki::ca_files(&ca).0,
+            cert: certs.join("me.pem"),
+            key: certs.join("me.key"),
+        },
+        "me",
+    )
+    .unwrap();
+    let transport = grpc::GrpcTransport::with_tls(Arc::new(tls));
+    // Not syncd: accepts, reads, closes (as a victim of reflection would).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            });
+        }
+    });
+    let packet = || pb::SwimPacket {
+        data: Bytes::from_static(b"x"),
+    };
+    assert!(transport.swim(&to, packet()).await.is_err());
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(transport.failing(), 1);
+    for _ in 0..20 {
+        let e = transport.swim(&to, packet()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "dialled again"
+    );
+}

@@ -23,13 +23,86 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// this node dialled them.
 pub type PeerIds = Arc<Mutex<HashMap<String, String>>>;
 
+/// An address that presented no valid fleet certificate is not dialled
+/// again for this long.
+pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
+/// An address that could not be reached is dialled again after a pause
+/// doubling from one second up to this.
+pub const UNREACHABLE_MAX: Duration = Duration::from_secs(30);
+/// Most addresses remembered as failing.
+const MAX_FAILING: usize = 1 << 16;
+
+/// Addresses whose last dial failed: not dialled again before `until`.
+/// Members announced by others are only names and addresses until this
+/// node reaches them and sees a fleet certificate; one that names
+/// addresses with no syncd behind them (issue 11: 1,500 fake members
+/// made a replica a reflector, ~2,600 connections a second) costs one
+/// attempt per address per pause, not one per probe.
+#[derive(Debug, Default)]
+pub struct Failing {
+    by_address: Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
+}
+
+impl Failing {
+    /// `Err` with why when `addr` is not to be dialled now.
+    fn check(&self, addr: &str) -> Result<(), std::io::Error> {
+        match self.by_address.locked().get(addr) {
+            Some((until, _)) if tokio::time::Instant::now() < *until => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!(
+                    "{addr} failed recently; not dialled again for {:.0} s",
+                    until
+                        .duration_since(tokio::time::Instant::now())
+                        .as_secs_f64()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, addr: &str, untrusted: bool) {
+        let now = tokio::time::Instant::now();
+        let mut m = self.by_address.locked();
+        if m.len() >= MAX_FAILING && !m.contains_key(addr) {
+            m.retain(|_, (until, _)| *until > now);
+            if m.len() >= MAX_FAILING {
+                return;
+            }
+        }
+        let e = m.entry(addr.to_string()).or_insert((now, 0));
+        e.1 = e.1.saturating_add(1);
+        let pause = if untrusted {
+            UNTRUSTED_FOR
+        } else {
+            Duration::from_secs(1u64 << (e.1 - 1).min(6)).min(UNREACHABLE_MAX)
+        };
+        e.0 = now + pause;
+    }
+
+    fn succeeded(&self, addr: &str) {
+        self.by_address.locked().remove(addr);
+    }
+
+    /// Addresses not to be dialled now.
+    pub fn count(&self) -> usize {
+        let now = tokio::time::Instant::now();
+        self.by_address
+            .locked()
+            .values()
+            .filter(|(until, _)| *until > now)
+            .count()
+    }
+}
+
 /// Connects a channel: TCP, then a TLS handshake presenting this node's
 /// certificate and verifying the peer's (chained to the fleet CA); notes
-/// the id the peer's certificate names.
+/// the id the peer's certificate names. Addresses that failed are left
+/// alone for a while ([`Failing`]).
 #[derive(Clone, Debug)]
 pub struct Dialer {
     pub tls: Arc<Tls>,
     pub ids: PeerIds,
+    pub failing: Arc<Failing>,
     pub connect_timeout: Duration,
 }
 
@@ -51,11 +124,12 @@ impl tower::Service<Uri> for Dialer {
                 .authority()
                 .map(|a| a.to_string())
                 .ok_or_else(|| std::io::Error::other(format!("no address in {uri}")))?;
+            d.failing.check(&addr)?;
             let tcp = tokio::time::timeout(d.connect_timeout, TcpStream::connect(&addr))
                 .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))
+                .and_then(|r| r)
+                .inspect_err(|_| d.failing.failed(&addr, false))?;
             tcp.set_nodelay(true)?;
             // The name is not checked (see crate::tls): any fixed one does.
             let name =
@@ -67,8 +141,13 @@ impl tower::Service<Uri> for Dialer {
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-            })?
-            .map_err(|e| std::io::Error::other(format!("TLS handshake with {addr}: {e}")))?;
+            })
+            .inspect_err(|_| d.failing.failed(&addr, false))?
+            .map_err(|e| {
+                tracing::warn!(peer = %addr, error = %e, "not dialling again for {}: no valid fleet certificate", humantime::format_duration(UNTRUSTED_FOR));
+                d.failing.failed(&addr, true);
+                std::io::Error::other(format!("TLS handshake with {addr}: {e}"))
+            })?;
             let id = tls
                 .get_ref()
                 .1
@@ -76,8 +155,10 @@ impl tower::Service<Uri> for Dialer {
                 .and_then(|c| c.first())
                 .and_then(node_id_of)
                 .ok_or_else(|| {
+                    d.failing.failed(&addr, true);
                     std::io::Error::other(format!("{addr} presented no node certificate"))
                 })?;
+            d.failing.succeeded(&addr);
             d.ids.locked().insert(addr, id);
             Ok(TokioIo::new(tls))
         })
