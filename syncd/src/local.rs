@@ -172,6 +172,17 @@ impl LocalNode {
             .map(bytes::Bytes::from)
     }
 
+    /// Like [`LocalNode::in_flight_chunk`], from directory `dir`'s
+    /// transfer only (what is served for `dir`).
+    pub fn in_flight_chunk_of(&self, dir: &str, hash: &Hash) -> Option<bytes::Bytes> {
+        let log = self.haves.locked().get(dir).cloned();
+        if let Some(b) = log.and_then(|l| l.chunk(hash)) {
+            return Some(b);
+        }
+        let t = self.in_flight.locked().get(dir).cloned()?;
+        t.read_hash(hash).ok().flatten().map(bytes::Bytes::from)
+    }
+
     /// A directory is carried (peers may fetch its chunks) from now on.
     pub fn carry(&self, id: &str, path: &Path) {
         self.roots

@@ -132,8 +132,6 @@ impl PeerHandler for PeerService {
         if !r.requester.is_empty() {
             caller.claims("requester", &r.requester)?;
         }
-        let root =
-            Hash::from_slice(&r.root).ok_or_else(|| invalid(caller, "root is not 32 bytes"))?;
         if !self.node.carries(&r.dir) {
             return Err(Refusal::NotFound(format!(
                 "this node does not carry directory {:?}",
@@ -141,6 +139,9 @@ impl PeerHandler for PeerService {
             ))
             .into());
         }
+        self.node.fleet.may_read(&caller, &r.dir)?;
+        let root =
+            Hash::from_slice(&r.root).ok_or_else(|| invalid(caller, "root is not 32 bytes"))?;
         let reply = |complete, gone, next, hashes: Vec<Hash>| pb::HavesReply {
             complete,
             gone,
@@ -174,6 +175,16 @@ impl PeerHandler for PeerService {
         req: pb::GetNodesRequest,
     ) -> Result<pb::GetNodesResponse, Status> {
         let peer_ip = caller.ip;
+        if caller.peer_id.is_some() {
+            if !crate::wire::is_id(&req.dir) || !self.node.carries(&req.dir) {
+                return Err(Refusal::NotFound(format!(
+                    "this node does not carry directory {:?}",
+                    crate::wire::short(&req.dir)
+                ))
+                .into());
+            }
+            self.node.fleet.may_read(&caller, &req.dir)?;
+        }
         let ids = req.ids;
         if ids.len() > MAX_NODES_PER_CALL {
             return Err(invalid(
@@ -241,6 +252,7 @@ impl PeerHandler for PeerService {
             ))
             .into());
         }
+        self.node.fleet.may_read(&caller, &r.dir)?;
         // Each chunk once, however often it is named: a 2 KB request must
         // not make us send the same chunk a thousand times.
         let mut seen = std::collections::HashSet::with_capacity(r.hashes.len());
@@ -277,10 +289,11 @@ impl PeerHandler for PeerService {
                 // One batch read on a blocking thread, then handed to the
                 // stream with a deadline: a reader that stops reading
                 // holds no thread, and is dropped after STREAM_STALL.
-                let (n2, h2, d2) = (node.clone(), hashes.clone(), declined.clone());
+                let (n2, h2, d2, dir2) =
+                    (node.clone(), hashes.clone(), declined.clone(), dir.clone());
                 let read = node
                     .env
-                    .blocking(move || read_batch(&n2, &h2, &d2, next))
+                    .blocking(move || read_batch(&n2, &dir2, &h2, &d2, next))
                     .await;
                 let Ok((batch, upto, bytes, count)) = read else {
                     break;
@@ -339,11 +352,19 @@ impl tokio_stream::Stream for ServedChunks {
 /// Chunks `declined[i]` are answered as declined, unread.
 fn read_batch(
     node: &LocalNode,
+    dir: &str,
     hashes: &[Hash],
     declined: &[bool],
     from: usize,
 ) -> (pb::ChunkBatch, usize, u64, u64) {
-    let local = LocalChunks::for_serving(&node.store, node.roots());
+    // Only from the requested directory's files (and its transfer): what
+    // a peer may read is what the directory it carries holds.
+    let roots = node
+        .roots()
+        .into_iter()
+        .filter(|(id, _)| id == dir)
+        .collect();
+    let local = LocalChunks::for_serving(&node.store, roots);
     let mut batch = pb::ChunkBatch::default();
     let (mut size, mut count) = (0usize, 0u64);
     let mut i = from;
@@ -361,7 +382,7 @@ fn read_batch(
         // Indexed files first, then files still being received.
         let data = match local.read_hash(h) {
             Ok(Some(d)) => Bytes::from(d),
-            _ => node.in_flight_chunk(h).unwrap_or_default(),
+            _ => node.in_flight_chunk_of(dir, h).unwrap_or_default(),
         };
         size += data.len();
         count += u64::from(!data.is_empty());
@@ -385,6 +406,8 @@ pub struct RemotePeer {
     metrics: Metrics,
     /// Where corrupt chunks are counted against the peer.
     fleet: Arc<FleetView>,
+    /// The directory manifest nodes are read for.
+    dir: String,
 }
 
 impl RemotePeer {
@@ -396,7 +419,15 @@ impl RemotePeer {
             rt,
             metrics: fleet.metrics.clone(),
             fleet,
+            dir: String::new(),
         }
+    }
+
+    /// Reads manifest nodes for directory `dir` (peers under TLS serve
+    /// them only to nodes carrying it).
+    pub fn reading(mut self, dir: &str) -> RemotePeer {
+        self.dir = dir.to_string();
+        self
     }
 
     /// Fetches chunks by hash; returns those the peer had, verified
@@ -567,7 +598,10 @@ impl RemotePeer {
     fn get_nodes_call(&self, ids: Vec<Vec<u8>>) -> Result<pb::GetNodesResponse, Status> {
         let started = std::time::Instant::now();
         let (transport, address) = (self.transport.clone(), self.address.clone());
-        let req = pb::GetNodesRequest { ids };
+        let req = pb::GetNodesRequest {
+            ids,
+            dir: self.dir.clone(),
+        };
         let resp = crate::env::wait(
             &self.rt,
             async move { transport.get_nodes(&address, req).await },

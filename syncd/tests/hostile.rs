@@ -374,6 +374,7 @@ async fn get_node(addr: &str, id: Hash) -> Result<Bytes, String> {
     let resp = client
         .get_nodes(pb::GetNodesRequest {
             ids: vec![id.as_bytes().to_vec()],
+            dir: DIR.into(),
         })
         .await
         .map_err(|s| s.to_string())?;
@@ -2209,14 +2210,18 @@ fn withholding() {
     let (src_ip, r_ip, fake_ip) = ("127.0.60.1", "127.0.60.2", "127.0.60.3");
     let fake = FakePeer::start(fake_ip);
     // The liar says it sits in the replica's rack; the source elsewhere.
-    fake.set_labels(HashMap::from([("rack".to_string(), "r1".to_string())]));
+    fake.set_labels(HashMap::from([
+        ("region".to_string(), "eu".to_string()),
+        ("zone".to_string(), "a".to_string()),
+        ("rack".to_string(), "r1".to_string()),
+    ]));
     let src = Daemon::with(
         tmp.path(),
         "src",
         src_ip,
         "source",
         &[r_ip],
-        "labels = { rack = \"r9\" }",
+        "labels = { region = \"eu\", zone = \"a\", rack = \"r9\" }",
         "",
     );
     fs::write(src.data.join("index.html"), b"the real content").unwrap();
@@ -2249,7 +2254,7 @@ fn withholding() {
         r_ip,
         "replica",
         &[fake_ip, src_ip],
-        "labels = { rack = \"r1\" }",
+        "labels = { region = \"eu\", zone = \"a\", rack = \"r1\" }",
         "",
     );
     common::converge(&src, &[&r], "the first version, from src");
@@ -2286,7 +2291,8 @@ fn withholding() {
     next(&r, 2, b"the real content, two");
     assert!(
         fake.get_nodes() > asked,
-        "the liar was never asked: the test would prove nothing"
+        "the liar was never asked: the test would prove nothing\n{}",
+        fs::read_to_string(&r.log).unwrap()
     );
     let log = fs::read_to_string(&r.log).unwrap();
     assert!(

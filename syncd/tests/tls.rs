@@ -164,6 +164,62 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         .swim(&to, swim_as("mallory"))
         .await
         .expect("a packet under its own name is taken");
+    // It carries no directory, so it reads none: not the manifest, not
+    // chunks, not have-logs (r1, which carries www, got them above).
+    let root = reply.dirs[0].root.clone();
+    let e = mallory
+        .get_nodes(
+            &to,
+            pb::GetNodesRequest {
+                ids: vec![root.clone()],
+                dir: "www".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("does not carry directory \"www\""),
+        "{e}"
+    );
+    let e = mallory
+        .get_nodes(
+            &to,
+            pb::GetNodesRequest {
+                ids: vec![root.clone()],
+                dir: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = mallory
+        .get_chunks(
+            &to,
+            pb::GetChunksRequest {
+                dir: "www".into(),
+                hashes: vec![root.clone()],
+                requester: "mallory".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .expect("chunks refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = mallory
+        .haves(
+            &to,
+            pb::HavesRequest {
+                dir: "www".into(),
+                root,
+                requester: "mallory".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // Nor give itself another node's address: r1 dialled src there and
     // saw src's certificate.
     let e = mallory

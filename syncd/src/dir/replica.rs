@@ -225,6 +225,7 @@ fn transfer(
                 node.fleet.clone(),
                 rt.clone(),
             )
+            .reading(&dir.id)
         })
         .collect();
     // The manifest comes from the full holders, nearest first: any of

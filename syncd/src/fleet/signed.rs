@@ -209,4 +209,35 @@ impl FleetView {
             t.publishers.insert(dir.to_string(), publishers);
         }
     }
+
+    /// Read authorization (issue 11): under TLS a peer reads a
+    /// directory's nodes, chunks and have-logs only if its record says it
+    /// carries the directory. Without TLS anyone may.
+    pub fn may_read(
+        &self,
+        caller: &crate::transport::Caller,
+        dir: &str,
+    ) -> Result<(), crate::error::Refusal> {
+        let Some(id) = caller.peer_id.as_deref() else {
+            return Ok(());
+        };
+        let carries = self.table.locked().peers.get(id).is_some_and(|p| {
+            p.record.as_ref().is_some_and(|r| {
+                r.reports.iter().any(|x| x.dir == dir)
+                    || r.dirs.iter().chain(&r.pulling).any(|v| v.dir == dir)
+            })
+        });
+        if carries {
+            return Ok(());
+        }
+        let reason = format!(
+            "it does not carry directory {:?} (no record of it lists it)",
+            crate::wire::short(dir)
+        );
+        tracing::warn!(peer = %caller.who(), "refused a read: {reason}");
+        Err(crate::error::Refusal::Denied {
+            peer: caller.who(),
+            reason,
+        })
+    }
 }

@@ -144,7 +144,13 @@ async fn suite(t: &dyn Transport, to: &str, unreachable: &str, peer: &Fixed) {
 
     let ids = vec![vec![1, 2, 3], vec![4, 5]];
     let r = t
-        .get_nodes(to, pb::GetNodesRequest { ids: ids.clone() })
+        .get_nodes(
+            to,
+            pb::GetNodesRequest {
+                ids: ids.clone(),
+                dir: String::new(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(r.nodes.len(), 2);
