@@ -325,29 +325,7 @@ impl FleetView {
         if id == self.id {
             return Ok(false);
         }
-        if let Some(holder) = self.transport.identity(&from.address)
-            && holder != id
-        {
-            let reason = format!(
-                "the record of {id} gives address {}, where node {holder} presented its certificate",
-                wire::short(&from.address)
-            );
-            tracing::warn!(peer = %peer(), "refused a record claiming another node's address: {reason}");
-            return Err(Refusal::Denied {
-                peer: peer(),
-                reason,
-            });
-        }
-        if let Some(s) = self.signatures.get()
-            && let Err(reason) = s.check_record(&h)
-        {
-            let reason = format!("in the record of {id}: {reason}");
-            tracing::warn!(peer = %peer(), "refused a record with a version no publisher signed: {reason}");
-            return Err(Refusal::Invalid {
-                peer: peer(),
-                reason,
-            });
-        }
+        self.check_trust(&h, &id, &peer())?;
         let now = self.env.now();
         let size = h.encoded_len();
         let mut t = self.table.locked();
@@ -656,9 +634,7 @@ impl Members for FleetView {
         }
         // An address is the node that proved, with its certificate, to be
         // there: a member squatting on it is not taken.
-        if let Some(holder) = self.transport.identity(&id.address)
-            && holder != id.node_id
-        {
+        if let Some(holder) = self.squatting(&id.node_id, &id.address) {
             tracing::warn!(peer = %id.node_id, address = %id.address, certificate = %holder, "ignoring a SWIM member at an address where another node presented its certificate");
             return;
         }

@@ -240,4 +240,46 @@ impl FleetView {
             reason,
         })
     }
+
+    /// The node that presented its certificate at `address` when this
+    /// node dialled it, if that is not `id`.
+    pub(super) fn squatting(&self, id: &str, address: &str) -> Option<String> {
+        self.transport
+            .identity(address)
+            .filter(|holder| holder != id)
+    }
+
+    /// What a record must pass under TLS before anything of it is used:
+    /// its address is not another node's, and every version it lists is
+    /// signed by its publisher.
+    pub(super) fn check_trust(
+        &self,
+        h: &pb::Holdings,
+        id: &str,
+        peer: &str,
+    ) -> Result<(), crate::error::Refusal> {
+        let address = h.from.as_ref().map_or("", |m| m.address.as_str());
+        if let Some(holder) = self.squatting(id, address) {
+            let reason = format!(
+                "the record of {id} gives address {}, where node {holder} presented its certificate",
+                crate::wire::short(address)
+            );
+            tracing::warn!(peer = %peer, "refused a record claiming another node's address: {reason}");
+            return Err(crate::error::Refusal::Denied {
+                peer: peer.to_string(),
+                reason,
+            });
+        }
+        if let Some(s) = self.signatures.get()
+            && let Err(reason) = s.check_record(h)
+        {
+            let reason = format!("in the record of {id}: {reason}");
+            tracing::warn!(peer = %peer, "refused a record with a version no publisher signed: {reason}");
+            return Err(crate::error::Refusal::Invalid {
+                peer: peer.to_string(),
+                reason,
+            });
+        }
+        Ok(())
+    }
 }
