@@ -138,14 +138,24 @@ pub fn swim_packet(data: &[u8]) {
     }
 }
 
+/// Where [`config`] writes its two files (one directory per process).
+fn config_dir() -> &'static std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::temp_dir().join(format!("syncd-fuzz-config-{}", std::process::id()))
+    })
+}
+
+/// Removes what [`config`] wrote (a test calls it when done).
+pub fn cleanup() {
+    let _ = std::fs::remove_dir_all(config_dir());
+}
+
 /// `syncd.toml` and one `dirs.d` file: the bytes up to the first NUL are
 /// the node's file, the rest the directory's; both are loaded as
 /// `syncd check-config` would.
 pub fn config(data: &[u8]) {
-    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
-    let base = DIR.get_or_init(|| {
-        std::env::temp_dir().join(format!("syncd-fuzz-config-{}", std::process::id()))
-    });
+    let base = config_dir();
     let (node, dirs) = match data.iter().position(|&b| b == 0) {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),

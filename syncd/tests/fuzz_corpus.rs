@@ -76,6 +76,7 @@ fn every_fuzz_target_survives_its_corpus_and_mutations() {
             target(&mutate(&mut rng, &seeds));
         }
     }
+    syncd::fuzzing::cleanup();
 }
 
 /// Writes the seed corpora from real messages and files.
