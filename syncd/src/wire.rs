@@ -19,6 +19,14 @@ pub const LABEL_KEYS: [&str; 3] = ["region", "zone", "rack"];
 pub const MAX_RECORD_BYTES: usize = 64 << 10;
 /// Most directories one record may list (held, pulling, reports each).
 pub const MAX_RECORD_DIRS: usize = 1024;
+/// Largest certificate a record may carry (`syncd pki issue` makes them
+/// under 600 bytes).
+pub const MAX_CERT_BYTES: usize = 2048;
+/// Most certificates one record may carry: one per publisher of the
+/// versions it lists.
+pub const MAX_RECORD_CERTS: usize = 64;
+/// Version signatures are Ed25519 (`tls::sign`).
+pub const SIGNATURE_BYTES: usize = 64;
 /// An error text in a report is cut to this many bytes.
 pub const MAX_REPORT_ERROR: usize = 256;
 /// State names a report may carry.
@@ -77,7 +85,7 @@ fn check_version(d: &pb::DirVersion) -> Result<(), String> {
     if d.root.len() != 32
         || !is_id(&d.dir)
         || !(d.publisher.is_empty() || is_id(&d.publisher))
-        || !(d.signature.is_empty() || d.signature.len() == crate::tls::sign::SIGNATURE_BYTES)
+        || !(d.signature.is_empty() || d.signature.len() == SIGNATURE_BYTES)
     {
         return Err(format!("malformed holding for {:?}", short(&d.dir)));
     }
@@ -109,7 +117,6 @@ pub fn check_record(h: &pb::Holdings) -> Result<&pb::Member, String> {
     for d in h.dirs.iter().chain(&h.pulling) {
         check_version(d)?;
     }
-    use crate::tls::sign::{MAX_CERT_BYTES, MAX_RECORD_CERTS};
     if h.certificates.len() > MAX_RECORD_CERTS
         || h.certificates.iter().any(|c| c.len() > MAX_CERT_BYTES)
     {

@@ -146,6 +146,11 @@ impl Signatures {
         Ok(())
     }
 
+    /// The certificate that vouched for `v` when it was checked.
+    fn cert(&self, v: &pb::DirVersion) -> Option<Arc<Vec<u8>>> {
+        self.verified.locked().get(&key(v)).cloned()
+    }
+
     /// The certificates vouching for `versions` (this node's own), each
     /// once; they are kept from now on.
     pub fn certs_of<'a>(&self, versions: impl Iterator<Item = &'a pb::DirVersion>) -> Vec<Vec<u8>> {
@@ -196,7 +201,8 @@ impl FleetView {
     pub fn cert_of(&self, v: &pb::DirVersion) -> Vec<u8> {
         self.signatures
             .get()
-            .and_then(|s| s.certs_of(std::iter::once(v)).pop())
+            .and_then(|s| s.cert(v))
+            .map(|c| c.as_ref().clone())
             .unwrap_or_default()
     }
 

@@ -18,14 +18,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use sync_proto::pb;
 
-/// Largest certificate a record may carry (`syncd pki issue` makes them
-/// under 600 bytes).
-pub const MAX_CERT_BYTES: usize = 2048;
-/// Most certificates one record may carry: one per publisher of the
-/// versions it lists.
-pub const MAX_RECORD_CERTS: usize = 64;
-/// Signatures are Ed25519.
-pub const SIGNATURE_BYTES: usize = 64;
+use crate::wire::SIGNATURE_BYTES;
 
 const DOMAIN: &[u8] = b"syncd signed version 1\0";
 
@@ -109,7 +102,7 @@ pub fn verify(
         Some(id) => {
             return Err(format!(
                 "signed with the certificate of {id:?}, not of its publisher {:?}",
-                wire_short(&v.publisher)
+                crate::wire::short(&v.publisher)
             ));
         }
         None => return Err("signed with a certificate that names no node".into()),
@@ -130,10 +123,6 @@ pub fn verify(
         .map_err(|e| format!("a malformed signature: {e}"))?;
     key.verify_strict(&payload(v), &sig)
         .map_err(|_| "a signature that does not match its content".to_string())
-}
-
-fn wire_short(s: &str) -> String {
-    crate::wire::short(s)
 }
 
 /// The Ed25519 public key of a certificate.
