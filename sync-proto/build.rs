@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".syncd.v1.SwimPacket.data")
         // syncctl prints admin replies as JSON: the schema is admin.proto.
         .type_attribute(".syncd.admin.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(".syncd.v1.Control", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

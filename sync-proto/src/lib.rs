@@ -3,13 +3,22 @@
 //! code generated from them at build time (protox, no system `protoc`).
 //! Semantics and limits: `PROTOCOL.md` at the repository root.
 
+/// The generated code, nested as the proto packages are (`syncd.v1`,
+/// `syncd.admin.v1`), so admin messages can name node messages.
 #[allow(clippy::all, missing_debug_implementations)]
-pub mod pb {
-    tonic::include_proto!("syncd.v1");
+mod syncd {
+    pub mod v1 {
+        tonic::include_proto!("syncd.v1");
+    }
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("syncd.admin.v1");
+        }
+    }
 }
 
+/// The node-to-node service and its messages.
+pub use syncd::v1 as pb;
+
 /// The local admin service (Unix socket, syncctl).
-#[allow(clippy::all, missing_debug_implementations)]
-pub mod admin {
-    tonic::include_proto!("syncd.admin.v1");
-}
+pub use syncd::admin::v1 as admin;

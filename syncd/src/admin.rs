@@ -212,6 +212,7 @@ fn dir_status(node: &LocalNode, peers: &[(String, PeerState)], d: &DirHandle) ->
             })
             .collect(),
         eta_seconds: dir.progress.eta_seconds(),
+        control: dir.own().report.control,
     }
 }
 
@@ -393,6 +394,7 @@ impl pba::admin_server::Admin for AdminService {
                             pending_bytes: rep.pending_bytes,
                             last_error: rep.last_error.clone(),
                             pulling: find(&r.pulling),
+                            control: rep.control.clone(),
                         }
                     })
                     .collect();
@@ -413,9 +415,25 @@ impl pba::admin_server::Admin for AdminService {
                 &b.node_id,
             ))
         });
+        let controls = view
+            .controls()
+            .into_iter()
+            .filter(|c| want.is_empty() || c.dir == want)
+            .map(|c| pba::FleetControl {
+                time: humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.time),
+                )
+                .to_string(),
+                dir: c.dir,
+                action: c.action,
+                priority: c.priority,
+                operator: c.operator,
+            })
+            .collect();
         Ok(Response::new(pba::FleetReply {
             node_id: view.id.clone(),
             nodes,
+            controls,
         }))
     }
 
@@ -424,6 +442,9 @@ impl pba::admin_server::Admin for AdminService {
         req: Request<pba::ControlRequest>,
     ) -> Result<Response<pba::ControlReply>, Status> {
         let r = req.into_inner();
+        if !r.controls.is_empty() {
+            return self.fleet_control(r).await;
+        }
         let all = crate::dir::handles(&self.dirs);
         let dirs: Vec<DirHandle> = if r.all {
             all
@@ -467,6 +488,36 @@ impl pba::admin_server::Admin for AdminService {
         Ok(Response::new(pba::ControlReply {
             affected: dirs.iter().map(|d| d.id().to_string()).collect(),
         }))
+    }
+}
+
+impl AdminService {
+    /// `syncctl pause|resume|priority DIR --fleet`: controls signed by an
+    /// operator, checked and published to the fleet; applied here at once
+    /// if this node carries the directory.
+    async fn fleet_control(
+        &self,
+        r: pba::ControlRequest,
+    ) -> Result<Response<pba::ControlReply>, Status> {
+        let fleet = &self.node.fleet;
+        let mut affected = Vec::new();
+        for c in r.controls {
+            let dir = c.dir.clone();
+            fleet
+                .publish_control(c, r.operator_certificate.clone())
+                .map_err(|e| {
+                    tracing::warn!(dir = %crate::wire::short(&dir), "refused a fleet control from syncctl: {e}");
+                    Status::failed_precondition(format!("fleet control of {dir:?}: {e}"))
+                })?;
+            if let Some(h) = crate::dir::handles(&self.dirs)
+                .into_iter()
+                .find(|h| h.id() == dir)
+            {
+                h.apply_controls(&fleet.controls_of(&dir));
+            }
+            affected.push(dir);
+        }
+        Ok(Response::new(pba::ControlReply { affected }))
     }
 }
 

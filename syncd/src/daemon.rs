@@ -223,6 +223,9 @@ pub async fn run(
         tasks.spawn(async move { stats_loop(daemon, notify).await });
     }
     tasks.spawn(gc_loop(node.clone()));
+    if tls.is_some() {
+        tasks.spawn(controls_loop(daemon.clone()));
+    }
     if let Some(t) = tls.clone() {
         // Days to expiry tick down without a reload.
         let gauge = node.metrics.tls_expiry_days.clone();
@@ -392,6 +395,27 @@ async fn stats_loop(daemon: Arc<Daemon>, notify: crate::sdnotify::Notifier) {
             h.state.announce();
         }
         fleet.tick();
+    }
+}
+
+/// Fleet controls (issue 11) reach the directories they name as soon as
+/// they arrive, and a directory added on SIGHUP within a second.
+async fn controls_loop(daemon: Arc<Daemon>) {
+    let fleet = daemon.node.fleet.clone();
+    let mut changed = fleet.watch_controls();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        for h in daemon.handles() {
+            h.apply_controls(&fleet.controls_of(h.id()));
+        }
+        tokio::select! {
+            r = changed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
+        }
     }
 }
 

@@ -65,8 +65,15 @@ enum Pki {
     },
     /// Issue a certificate for a node: OUT/NODE_ID.pem and OUT/NODE_ID.key
     /// (0600). The certificate names the node; it serves and dials with it.
+    /// With --operator NAME instead: an operator certificate, OUT/NAME.pem
+    /// and OUT/NAME.key, that signs fleet controls (`syncctl pause DIR
+    /// --fleet`) and can do nothing else.
     Issue {
-        node_id: String,
+        #[arg(required_unless_present = "operator", conflicts_with = "operator")]
+        node_id: Option<String>,
+        /// Issue an operator certificate for this person or tool.
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
         /// The directory `pki init` wrote.
         #[arg(long, default_value = "/etc/syncd/pki")]
         ca_dir: PathBuf,
@@ -187,18 +194,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command:
                 Pki::Issue {
                     node_id,
+                    operator,
                     ca_dir,
                     days,
                     out,
                 },
-        } => {
-            let (cert, key) = syncd::tls::pki::issue(&ca_dir, &node_id, days, &out)?;
-            println!(
-                "issued {node_id:?} for {days} days: {} and {} (for [tls] cert and key on {node_id})",
-                cert.display(),
-                key.display()
-            );
-        }
+        } => match (node_id, operator) {
+            (Some(node_id), _) => {
+                let (cert, key) = syncd::tls::pki::issue(&ca_dir, &node_id, days, &out)?;
+                println!(
+                    "issued {node_id:?} for {days} days: {} and {} (for [tls] cert and key on {node_id})",
+                    cert.display(),
+                    key.display()
+                );
+            }
+            (None, Some(name)) => {
+                let (cert, key) = syncd::tls::pki::issue_operator(&ca_dir, &name, days, &out)?;
+                println!(
+                    "issued operator {name:?} for {days} days: {} and {} (for syncctl --operator-cert and --operator-key)",
+                    cert.display(),
+                    key.display()
+                );
+            }
+            (None, None) => anyhow::bail!("name a node id or --operator NAME"),
+        },
     }
     Ok(())
 }

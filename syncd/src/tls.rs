@@ -28,6 +28,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::locks::RwLockExt as _;
 
+pub mod control;
 pub mod pki;
 pub mod sign;
 
@@ -345,6 +346,13 @@ impl Tls {
     ) -> Result<(), String> {
         let l = self.current.read_locked().clone();
         sign::verify(&l.roots, &l.provider, v, cert)
+    }
+
+    /// Checks a fleet control's signature with an operator's `cert`
+    /// against the fleet CA ([`control::verify`]).
+    pub fn verify_control(&self, c: &sync_proto::pb::Control, cert: &[u8]) -> Result<(), String> {
+        let l = self.current.read_locked().clone();
+        control::verify(&l.roots, &l.provider, c, cert)
     }
 }
 

@@ -25,7 +25,14 @@ pub const MAX_CERT_BYTES: usize = 2048;
 /// Most certificates one record may carry: one per publisher of the
 /// versions it lists.
 pub const MAX_RECORD_CERTS: usize = 64;
-/// Version signatures are Ed25519 (`tls::sign`).
+/// Most fleet controls one record may carry (newest per directory and
+/// kind; `tls::control`).
+pub const MAX_RECORD_CONTROLS: usize = 64;
+/// Actions a fleet control may carry.
+pub const CONTROL_ACTIONS: [&str; 3] = ["pause", "resume", "priority"];
+/// Priorities a fleet control may set.
+pub const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
+/// Version and control signatures are Ed25519 (`tls::sign`).
 pub const SIGNATURE_BYTES: usize = 64;
 /// An error text in a report is cut to this many bytes.
 pub const MAX_REPORT_ERROR: usize = 256;
@@ -92,6 +99,29 @@ fn check_version(d: &pb::DirVersion) -> Result<(), String> {
     Ok(())
 }
 
+/// A fleet control's shape (its signature is checked under TLS).
+pub fn check_control(c: &pb::Control) -> Result<(), String> {
+    let priority_ok = if c.action == "priority" {
+        PRIORITIES.contains(&c.priority.as_str())
+    } else {
+        c.priority.is_empty()
+    };
+    if is_id(&c.dir)
+        && CONTROL_ACTIONS.contains(&c.action.as_str())
+        && priority_ok
+        && is_id(&c.operator)
+        && c.signature.len() == SIGNATURE_BYTES
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "a malformed fleet control ({:?} of {:?})",
+            short(&c.action),
+            short(&c.dir)
+        ))
+    }
+}
+
 /// A whole record (a node's `Holdings`): its member, every version and
 /// report, its size, and its protocol. Returns the sender's id.
 pub fn check_record(h: &pb::Holdings) -> Result<&pb::Member, String> {
@@ -125,11 +155,21 @@ pub fn check_record(h: &pb::Holdings) -> Result<&pb::Member, String> {
             from.node_id
         ));
     }
+    if h.controls.len() > MAX_RECORD_CONTROLS {
+        return Err(format!(
+            "record of {} carries more than {MAX_RECORD_CONTROLS} fleet controls",
+            from.node_id
+        ));
+    }
+    for c in &h.controls {
+        check_control(c).map_err(|e| format!("{e} in the record of {}", from.node_id))?;
+    }
     for r in &h.reports {
         if !is_id(&r.dir)
             || !STATES.contains(&r.state.as_str())
             || !MODES.contains(&r.mode.as_str())
             || r.last_error.len() > MAX_REPORT_ERROR
+            || r.control.len() > MAX_REPORT_ERROR
             || !r.rate.is_finite()
             || r.rate < 0.0
         {

@@ -205,12 +205,15 @@ fn sigterm_mid_transfer_stops_cleanly_and_leaves_the_fleet() {
 
     // Many files, so a stop lands between two of them (seeds 2 apart:
     // pseudo_random ignores the lowest bit).
+    // Each written beside and renamed in: a scan must not catch a file
+    // half-written, or the replica would rightly hold a version where it
+    // is (timestamps are coarser than a 2 MiB write, so the file can look
+    // unchanged afterwards but for its size).
     for i in 0..32 {
-        fs::write(
-            src.data.join(format!("f{i:02}.bin")),
-            random(2 << 20, 100 + 2 * i),
-        )
-        .unwrap();
+        let name = format!("f{i:02}.bin");
+        let staged = src.base.join(&name);
+        fs::write(&staged, random(2 << 20, 100 + 2 * i)).unwrap();
+        fs::rename(&staged, src.data.join(&name)).unwrap();
     }
     common::until(60, "the replica is receiving", || {
         let (code, out, _) = common::ctl(&r, &["--json", "status"]);

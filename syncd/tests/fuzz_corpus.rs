@@ -164,8 +164,17 @@ fn write_seed_corpora() {
             pending_bytes: 10,
             rate: 1e6,
             last_error: "disk full".into(),
+            control: "pause by alice at 2023-11-14T22:13:20Z".into(),
         }],
         certificates: vec![vec![0x30, 0x82, 0x01, 0x00]],
+        controls: vec![pb::Control {
+            dir: "www".into(),
+            action: "pause".into(),
+            priority: String::new(),
+            operator: "alice".into(),
+            time: 1_700_000_000_000,
+            signature: vec![3; 64],
+        }],
     };
     let tagged = |kind: u8, m: &dyn Fn(&mut Vec<u8>)| {
         let mut out = vec![kind];

@@ -28,6 +28,7 @@ use crate::local::LocalNode;
 use crate::locks::RwLockExt as _;
 
 mod accepted;
+mod fleet_control;
 pub mod replica;
 pub mod source;
 pub mod state;

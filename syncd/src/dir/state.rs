@@ -61,6 +61,9 @@ pub struct DirStatus {
     /// The last attempt panicked (a bug): the watchdog stops being fed
     /// when every directory is in this state.
     pub panicked: bool,
+    /// The fleet controls applied to it, at most one per kind
+    /// (`DirHandle::apply_controls`).
+    pub controls: Vec<pb::Control>,
 }
 
 impl DirStatus {
@@ -235,6 +238,7 @@ impl DirState {
                 failures: 0,
                 retry_at: None,
                 panicked: false,
+                controls: Vec::new(),
             }),
             progress: Progress::default(),
             synced: tokio::sync::watch::Sender::new(None),
@@ -280,6 +284,7 @@ impl DirState {
                 pending_bytes: self.progress.pending_bytes(),
                 rate: self.progress.rate(),
                 last_error: s.last_error.clone(),
+                control: super::fleet_control::describe(&s.controls),
             },
         }
     }

@@ -33,6 +33,7 @@ use digest::{bucket_of, key_hash, record_hash};
 pub use peers::{Holder, OwnDir, PeerState, Via};
 pub use sources::DEMOTE_FOR;
 
+pub mod controls;
 mod digest;
 pub mod gossip;
 pub mod membership;
@@ -96,6 +97,8 @@ struct Table {
     /// its `dirs.d` file says (absent or empty: any node of the fleet).
     /// Versions of others stay in the view but are never the newest.
     publishers: HashMap<String, Vec<String>>,
+    /// The newest fleet control of each directory and kind.
+    controls: controls::Controls,
 }
 
 /// Most directories whose highest version is remembered for forwarding.
@@ -169,6 +172,7 @@ impl FleetView {
                 seen: HashMap::new(),
                 digests: None,
                 publishers: HashMap::new(),
+                controls: Default::default(),
             }),
             learned: Notify::new(),
             pushed: Notify::new(),
@@ -204,17 +208,29 @@ impl FleetView {
         }
     }
 
-    fn build_own(&self, own: &Own) -> Arc<pb::Holdings> {
+    fn build_own(&self, own: &Own, controls: &controls::Controls) -> Arc<pb::Holdings> {
         let versions = || {
             own.dirs
                 .values()
                 .flat_map(|d| d.held.iter().chain(d.pulling.iter()))
         };
-        let certificates = match self.signatures.get() {
+        let mut certificates = match self.signatures.get() {
             Some(s) => s.certs_of(versions()),
             None => Vec::new(),
         };
+        // A control goes only with its operator's certificate.
+        let mut carried = Vec::new();
+        for c in controls.for_record(&own.dirs) {
+            let has = certificates.iter().any(|o| o == c.cert.as_ref());
+            if !has && certificates.len() < wire::MAX_RECORD_CERTS {
+                certificates.push(c.cert.as_ref().clone());
+            }
+            if has || certificates.last().is_some_and(|o| o == c.cert.as_ref()) {
+                carried.push(c.control.clone());
+            }
+        }
         Arc::new(pb::Holdings {
+            controls: carried,
             certificates,
             from: Some(self.own_member()),
             dirs: own.dirs.values().filter_map(|d| d.held.clone()).collect(),
@@ -288,7 +304,7 @@ impl FleetView {
     fn bump_own(&self, t: &mut Table) {
         t.own.seq += 1;
         t.own.soft_at = self.env.now();
-        t.own.record = self.build_own(&t.own);
+        t.own.record = self.build_own(&t.own, &t.controls);
         t.own.hash = record_hash(&t.own.record);
         t.digests = None;
     }
@@ -325,10 +341,13 @@ impl FleetView {
         if id == self.id {
             return Ok(false);
         }
-        self.check_trust(&h, &id, &peer())?;
+        let controls = self.check_trust(&h, &id, &peer())?;
         let now = self.env.now();
         let size = h.encoded_len();
         let mut t = self.table.locked();
+        if !controls.is_empty() && self.take_controls(&mut t, controls) {
+            self.pushed.notify_one();
+        }
         let new = !t.peers.contains_key(&id);
         if new && t.peers.len() >= MAX_PEERS {
             return Err(Refusal::Full(format!(

@@ -22,14 +22,22 @@ use std::sync::{Arc, Mutex};
 use sync_proto::pb;
 
 use super::FleetView;
+use super::controls::Signed;
 use crate::locks::LockExt as _;
-use crate::tls::{Tls, sign};
+use crate::tls::{Tls, control, sign};
 
 /// Most checked signatures remembered; beyond, all but this node's own
 /// are forgotten (and checked again when next seen).
 const MAX_VERIFIED: usize = 1 << 14;
 
 type Key = [u8; 32];
+
+fn control_key(c: &pb::Control) -> Key {
+    let mut h = blake3::Hasher::new();
+    h.update(&control::payload(c));
+    h.update(&c.signature);
+    *h.finalize().as_bytes()
+}
 
 fn key(v: &pb::DirVersion) -> Key {
     let mut h = blake3::Hasher::new();
@@ -80,6 +88,14 @@ impl Signatures {
         m.insert(k, cert);
     }
 
+    /// A check done before, if the certificate that passed it is offered
+    /// again: what travels must carry its own proof, so every node can
+    /// check it, not only those that saw it before.
+    fn remembered(&self, k: &Key, certs: &[Vec<u8>]) -> Option<Arc<Vec<u8>>> {
+        let c = self.verified.locked().get(k).cloned()?;
+        certs.iter().any(|o| o == c.as_ref()).then_some(c)
+    }
+
     /// Checks one version with the certificates offered (DER); returns the
     /// one that vouches for it.
     pub fn check(&self, v: &pb::DirVersion, certs: &[Vec<u8>]) -> Result<Arc<Vec<u8>>, String> {
@@ -100,8 +116,8 @@ impl Signatures {
             return Err("unsigned".into());
         }
         let k = key(v);
-        if let Some(c) = self.verified.locked().get(&k) {
-            return Ok(c.clone());
+        if let Some(c) = self.remembered(&k, certs) {
+            return Ok(c);
         }
         let mut offered = certs
             .iter()
@@ -144,6 +160,70 @@ impl Signatures {
             })?;
         }
         Ok(())
+    }
+
+    /// Checks a fleet control with the certificates offered (DER);
+    /// returns the operator's that vouches for it.
+    pub fn check_control(
+        &self,
+        c: &pb::Control,
+        certs: &[Vec<u8>],
+    ) -> Result<Arc<Vec<u8>>, String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let ahead = c.time.saturating_sub(now);
+        if ahead > super::controls::MAX_AHEAD.as_millis() as u64 {
+            return Err(format!(
+                "signed {} s ahead of this node's clock",
+                ahead / 1000
+            ));
+        }
+        let k = control_key(c);
+        if let Some(cert) = self.remembered(&k, certs) {
+            return Ok(cert);
+        }
+        let mut offered = certs
+            .iter()
+            .filter(|cert| control::operator_of(cert).as_deref() == Some(c.operator.as_str()))
+            .peekable();
+        if offered.peek().is_none() {
+            return Err("no certificate of its operator came with it".into());
+        }
+        let mut why = String::new();
+        for cert in offered {
+            match self.tls.verify_control(c, cert) {
+                Ok(()) => {
+                    let cert = Arc::new(cert.clone());
+                    self.remember(k, cert.clone());
+                    return Ok(cert);
+                }
+                Err(e) => why = e,
+            }
+        }
+        Err(why)
+    }
+
+    /// Checks every fleet control a record carries.
+    fn check_controls(&self, h: &pb::Holdings) -> Result<Vec<Signed>, String> {
+        h.controls
+            .iter()
+            .map(|c| {
+                self.check_control(c, &h.certificates)
+                    .map(|cert| Signed {
+                        control: c.clone(),
+                        cert,
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "the {} of {:?} by operator {:?}: {e}",
+                            c.action,
+                            crate::wire::short(&c.dir),
+                            crate::wire::short(&c.operator)
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// The certificate that vouched for `v` when it was checked.
@@ -256,14 +336,15 @@ impl FleetView {
     }
 
     /// What a record must pass under TLS before anything of it is used:
-    /// its address is not another node's, and every version it lists is
-    /// signed by its publisher.
+    /// its address is not another node's, every version it lists is
+    /// signed by its publisher and every control by an operator. Returns
+    /// the controls, checked (without TLS there are none to take).
     pub(super) fn check_trust(
         &self,
         h: &pb::Holdings,
         id: &str,
         peer: &str,
-    ) -> Result<(), crate::error::Refusal> {
+    ) -> Result<Vec<Signed>, crate::error::Refusal> {
         let address = h.from.as_ref().map_or("", |m| m.address.as_str());
         if let Some(holder) = self.squatting(id, address) {
             let reason = format!(
@@ -286,6 +367,16 @@ impl FleetView {
                 reason,
             });
         }
-        Ok(())
+        let Some(s) = self.signatures.get() else {
+            return Ok(Vec::new());
+        };
+        s.check_controls(h).map_err(|reason| {
+            let reason = format!("in the record of {id}: {reason}");
+            tracing::warn!(peer = %peer, "refused a record with a control no operator signed: {reason}");
+            crate::error::Refusal::Invalid {
+                peer: peer.to_string(),
+                reason,
+            }
+        })
     }
 }

@@ -3,8 +3,10 @@
 //! `init` creates the CA (ECDSA P-256, self-signed) in a directory;
 //! `issue NODE_ID` signs a node certificate whose subject alternative name
 //! and common name are the node id, usable both to serve and to dial
-//! (server and client authentication). Keys are written mode 0600 and
-//! nothing is ever overwritten.
+//! (server and client authentication); `issue --operator NAME` signs an
+//! operator certificate, usable only to sign fleet controls (code signing,
+//! see `tls::control`): it cannot serve, dial nor sign versions. Keys are
+//! written mode 0600 and nothing is ever overwritten.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -118,6 +120,35 @@ pub fn issue_until(
     until: time::OffsetDateTime,
     out: &Path,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
+    issue_as(ca_dir, id, until, out, Role::Node)
+}
+
+/// Issues an operator certificate for `name`, valid for `days`, written
+/// to `out/<name>.pem` and `out/<name>.key`: it signs fleet controls
+/// (`syncctl pause DIR --fleet`) and nothing else.
+pub fn issue_operator(
+    ca_dir: &Path,
+    name: &str,
+    days: u32,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let until = time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(days));
+    issue_as(ca_dir, name, until, out, Role::Operator)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Node,
+    Operator,
+}
+
+fn issue_as(
+    ca_dir: &Path,
+    id: &str,
+    until: time::OffsetDateTime,
+    out: &Path,
+    role: Role,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     if !crate::wire::is_id(id) {
         return Err(PkiError::BadId(id.to_string()));
     }
@@ -138,25 +169,39 @@ pub fn issue_until(
     )))?;
     let mut p =
         CertificateParams::new(Vec::<String>::new()).map_err(cert_err("node parameters"))?;
-    p.subject_alt_names = vec![SanType::DnsName(
-        id.try_into().map_err(cert_err(format!("node id {id:?}")))?,
-    )];
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, id);
+    match role {
+        Role::Node => {
+            p.subject_alt_names = vec![SanType::DnsName(
+                id.try_into().map_err(cert_err(format!("node id {id:?}")))?,
+            )];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+        }
+        Role::Operator => {
+            // No DNS name, and code signing only: TLS refuses it on both
+            // sides, and versions are checked for server authentication.
+            dn.push(
+                DnType::OrganizationalUnitName,
+                super::control::OPERATOR_UNIT,
+            );
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        }
+    }
     p.distinguished_name = dn;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
     validity(&mut p, 0);
     p.not_after = until;
-    // Ed25519: the node's key also signs the versions it publishes.
+    // Ed25519: the node's key also signs the versions it publishes, the
+    // operator's the controls.
     let key =
-        KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(cert_err("generating the node key"))?;
+        KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(cert_err("generating the key"))?;
     let cert = p
         .signed_by(&key, &issuer)
-        .map_err(cert_err("signing the node certificate"))?;
+        .map_err(cert_err("signing the certificate"))?;
     std::fs::create_dir_all(out).map_err(|source| PkiError::Io {
         path: out.to_path_buf(),
         source,

@@ -126,19 +126,19 @@ pub fn verify(
 }
 
 /// The Ed25519 public key of a certificate.
-fn ed25519_key(cert: &[u8]) -> Result<VerifyingKey, String> {
+pub(super) fn ed25519_key(cert: &[u8]) -> Result<VerifyingKey, String> {
     use x509_parser::prelude::*;
     let (_, x) = X509Certificate::from_der(cert)
-        .map_err(|e| format!("the publisher's certificate does not parse: {e}"))?;
+        .map_err(|e| format!("the signer's certificate does not parse: {e}"))?;
     let spki = x.public_key();
     if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
-        return Err("the publisher's certificate has no Ed25519 key".into());
+        return Err("the signer's certificate has no Ed25519 key".into());
     }
     let bytes: [u8; 32] = spki
         .subject_public_key
         .data
         .as_ref()
         .try_into()
-        .map_err(|_| "the publisher's Ed25519 key is not 32 bytes".to_string())?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("the publisher's key is unusable: {e}"))
+        .map_err(|_| "the signer's Ed25519 key is not 32 bytes".to_string())?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("the signer's key is unusable: {e}"))
 }

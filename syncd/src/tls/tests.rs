@@ -165,3 +165,87 @@ fn versions_verify_only_as_their_publisher_signed_them() {
     let e = b.verify_version(&old, &cert).unwrap_err();
     assert!(e.contains("when the version was signed"), "{e}");
 }
+
+/// Issue 11, item 6: an operator certificate signs fleet controls and
+/// nothing else; a node certificate cannot sign one; every field is
+/// signed; another CA's operator is refused.
+#[test]
+fn controls_verify_only_with_an_operator_certificate_of_the_fleet() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = fleet(t.path());
+    let other = t.path().join("other");
+    pki::init(&other, "another CA", 30).unwrap();
+    let (ops, nodes, theirs) = (
+        t.path().join("ops"),
+        t.path().join("nodes"),
+        t.path().join("theirs"),
+    );
+    pki::issue_operator(&ca, "alice", 10, &ops).unwrap();
+    pki::issue(&ca, "web-01", 10, &nodes).unwrap();
+    pki::issue_operator(&other, "alice", 10, &theirs).unwrap();
+    let node = Tls::new(files(&ca, &nodes, "web-01"), "web-01").unwrap();
+    let alice = control::Operator::load(&ops.join("alice.pem"), &ops.join("alice.key")).unwrap();
+    assert_eq!(alice.name(), "alice");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let c = alice.sign("www", "priority", "high", now);
+    node.verify_control(&c, alice.cert()).unwrap();
+    let changes: [fn(&mut sync_proto::pb::Control); 6] = [
+        |c| c.dir = "etc".into(),
+        |c| c.action = "pause".into(),
+        |c| c.priority = "low".into(),
+        |c| c.operator = "bob".into(),
+        |c| c.time += 1,
+        |c| c.signature[9] ^= 1,
+    ];
+    for change in changes {
+        let mut bad = c.clone();
+        change(&mut bad);
+        assert!(node.verify_control(&bad, alice.cert()).is_err(), "{bad:?}");
+    }
+    // Before the certificate was valid: refused.
+    let early = alice.sign("www", "pause", "", now - 86_400_000);
+    let e = node.verify_control(&early, alice.cert()).unwrap_err();
+    assert!(e.contains("not valid under the fleet CA"), "{e}");
+    // Another CA's "alice".
+    let impostor =
+        control::Operator::load(&theirs.join("alice.pem"), &theirs.join("alice.key")).unwrap();
+    let forged = impostor.sign("www", "pause", "", now);
+    let e = node.verify_control(&forged, impostor.cert()).unwrap_err();
+    assert!(e.contains("not valid under the fleet CA"), "{e}");
+    // A node's certificate and key are no operator's.
+    let e = control::Operator::load(&nodes.join("web-01.pem"), &nodes.join("web-01.key"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("web-01.pem") && e.contains("not an operator certificate"),
+        "{e}"
+    );
+    let node_cert = node.signer().cert();
+    let e = node.verify_control(&c, &node_cert).unwrap_err();
+    assert!(e.contains("not an operator's"), "{e}");
+    // An operator's certificate is no node's: it cannot join the fleet.
+    let e = check(&files(&ca, &ops, "alice"), "alice")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not valid under the CA"), "{e}");
+    // Nor does it publish: a version signed with it is refused.
+    let mut v = sync_proto::pb::DirVersion {
+        dir: "www".into(),
+        version: 1,
+        root: vec![1; 32],
+        publisher: "alice".into(),
+        time: now,
+        ..Default::default()
+    };
+    v.signature = vec![0; 64];
+    assert!(node.verify_version(&v, alice.cert()).is_err());
+    // Key and certificate must match.
+    pki::issue_operator(&ca, "bob", 10, &ops).unwrap();
+    let e = control::Operator::load(&ops.join("alice.pem"), &ops.join("bob.key"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bob.key") && e.contains("does not match"), "{e}");
+}

@@ -15,7 +15,9 @@ use sync_proto::admin as pba;
 use sync_proto::admin::admin_client::AdminClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod control;
 mod wait;
+use control::{Steer, control};
 use wait::wait;
 
 const EXIT_ERROR: u8 = 1;
@@ -60,19 +62,21 @@ enum Command {
         /// Only this directory.
         dir: Option<String>,
     },
-    /// Stop scanning, publishing and pulling a directory (files untouched).
-    Pause(Targets),
-    /// Undo pause.
-    Resume(Targets),
+    /// Stop scanning, publishing and pulling a directory (files untouched);
+    /// with --fleet, on every node carrying it.
+    Pause(Steer),
+    /// Undo pause (with --fleet, on every node carrying it).
+    Resume(Steer),
     /// Set directories' priority class (high, normal, low) until the next
     /// restart or a change of `priority` in their file; a transfer in
-    /// progress follows from its next call.
+    /// progress follows from its next call. With --fleet, on every node
+    /// carrying them, restarts included, until the next fleet control.
     Priority {
         /// high, normal or low.
         #[arg(value_parser = ["high", "normal", "low"])]
         class: String,
         #[command(flatten)]
-        targets: Targets,
+        steer: Steer,
     },
     /// Scan a directory now and return when done (a replica then pulls).
     Rescan(Targets),
@@ -102,17 +106,17 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-struct Targets {
+pub(crate) struct Targets {
     /// Directory ids.
     #[arg(required_unless_present = "all")]
-    dirs: Vec<String>,
+    pub(crate) dirs: Vec<String>,
     /// Every directory of this node.
     #[arg(long, conflicts_with = "dirs")]
-    all: bool,
+    pub(crate) all: bool,
 }
 
 /// An error with the exit code it maps to.
-struct Failure(u8, anyhow::Error);
+pub(crate) struct Failure(u8, anyhow::Error);
 
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Failure {
@@ -165,7 +169,7 @@ async fn connect(socket: &std::path::Path) -> anyhow::Result<AdminClient<Channel
     Ok(AdminClient::new(channel))
 }
 
-fn rpc_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
@@ -242,13 +246,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{t}");
             }
         }
-        Command::Pause(t) => control(&mut client, "pause", t, cli.json).await?,
-        Command::Resume(t) => control(&mut client, "resume", t, cli.json).await?,
-        Command::Priority { class, targets } => {
-            control_with(&mut client, "priority", &class, targets, cli.json).await?
+        Command::Pause(s) => control(&mut client, "pause", "", s, cli.json).await?,
+        Command::Resume(s) => control(&mut client, "resume", "", s, cli.json).await?,
+        Command::Priority { class, steer } => {
+            control(&mut client, "priority", &class, steer, cli.json).await?
         }
-        Command::Rescan(t) => control(&mut client, "rescan", t, cli.json).await?,
-        Command::Revert(t) => control(&mut client, "revert", t, cli.json).await?,
+        Command::Rescan(t) => control(&mut client, "rescan", "", t.into(), cli.json).await?,
+        Command::Revert(t) => control(&mut client, "revert", "", t.into(), cli.json).await?,
         Command::Wait {
             dir,
             version,
@@ -268,7 +272,7 @@ async fn status(client: &mut AdminClient<Channel>) -> anyhow::Result<pba::Status
         .into_inner())
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -376,6 +380,9 @@ fn status_text(s: &pba::StatusReply) -> String {
     }
     out.push_str(&format!("{t}\n"));
     for d in &s.dirs {
+        if !d.control.is_empty() {
+            out.push_str(&format!("\n{}: fleet control: {}\n", d.id, d.control));
+        }
         if !d.sources.is_empty() {
             // Who gave most first.
             let mut by_bytes: Vec<&pba::TransferSource> = d.sources.iter().collect();
@@ -505,7 +512,11 @@ fn fleet_text(f: &pba::FleetReply) -> String {
                     d.version.to_string()
                 },
                 d.lag.to_string(),
-                d.state.clone(),
+                if d.control.is_empty() {
+                    d.state.clone()
+                } else {
+                    format!("{} (fleet)", d.state)
+                },
                 if d.rate_bytes_per_second > 0.0 {
                     format!("{}/s", bytes(d.rate_bytes_per_second as u64))
                 } else {
@@ -525,50 +536,19 @@ fn fleet_text(f: &pba::FleetReply) -> String {
     } else {
         out.push_str("no nodes known\n");
     }
-    out
-}
-
-async fn control(
-    client: &mut AdminClient<Channel>,
-    action: &str,
-    t: Targets,
-    json: bool,
-) -> Result<(), Failure> {
-    control_with(client, action, "", t, json).await
-}
-
-async fn control_with(
-    client: &mut AdminClient<Channel>,
-    action: &str,
-    priority: &str,
-    t: Targets,
-    json: bool,
-) -> Result<(), Failure> {
-    let r = client
-        .control(pba::ControlRequest {
-            action: action.into(),
-            dirs: t.dirs,
-            all: t.all,
-            priority: priority.into(),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
-    if json {
-        print_json(&r)?;
-    } else {
-        let past = match action {
-            "pause" => "paused",
-            "resume" => "resumed",
-            "rescan" => "rescanning",
-            "priority" => "priority set",
-            _ => "reverting",
-        };
-        if action == "priority" {
-            println!("priority {priority}: {}", r.affected.join(", "));
-        } else {
-            println!("{past}: {}", r.affected.join(", "));
+    if !f.controls.is_empty() {
+        out.push_str("\nfleet controls (\"(fleet)\" above: applied there):\n");
+        for c in &f.controls {
+            let what = if c.action == "priority" {
+                format!("priority {}", c.priority)
+            } else {
+                c.action.clone()
+            };
+            out.push_str(&format!(
+                "  {}: {what} by {} at {}\n",
+                c.dir, c.operator, c.time
+            ));
         }
     }
-    Ok(())
+    out
 }

@@ -88,6 +88,7 @@ pub(super) async fn wait(
                 dirs: vec![dir.to_string()],
                 all: false,
                 priority: String::new(),
+                ..Default::default()
             })
             .await
             .map_err(rpc_error)?;
