@@ -59,14 +59,46 @@ fn view() -> &'static FleetView {
     })
 }
 
+/// A second view under mutual TLS, with a fleet CA made once in the
+/// scratch directory: records reach the owner, version and control
+/// signature checks and the certificate parsers with whatever a peer sent.
+fn tls_view() -> &'static FleetView {
+    static VIEW: OnceLock<FleetView> = OnceLock::new();
+    VIEW.get_or_init(|| {
+        let v = FleetView::new(
+            "fuzz".into(),
+            "10.0.0.1:7400".into(),
+            Default::default(),
+            1,
+            vec![],
+            Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+            Arc::new(Env::seeded(1)),
+            Metrics::new().expect("metrics"),
+        );
+        let dir = config_dir().join("pki");
+        let ca = dir.join("ca");
+        crate::tls::pki::init(&ca, "fuzz CA", 3650).expect("a fuzz CA");
+        let (cert, key) =
+            crate::tls::pki::issue(&ca, "fuzz", 3650, &dir).expect("a node certificate");
+        let files = crate::tls::TlsFiles {
+            ca: crate::tls::pki::ca_files(&ca).0,
+            cert,
+            key,
+        };
+        v.set_tls(Arc::new(crate::tls::Tls::new(files, "fuzz").expect("TLS")));
+        v
+    })
+}
+
 /// Records and gossip from a peer: the first byte chooses the message
 /// (`Holdings` by `Exchange` or relayed, `GossipRequest`, `GossipReply`
-/// records), the rest is its protobuf encoding.
+/// records; with bit 2 set, into a node under mutual TLS), the rest is
+/// its protobuf encoding.
 pub fn peer_messages(data: &[u8]) {
     let Some((&kind, body)) = data.split_first() else {
         return;
     };
-    let v = view();
+    let v = if kind & 4 == 0 { view() } else { tls_view() };
     match kind % 4 {
         0 | 1 => {
             if let Ok(h) = pb::Holdings::decode(body) {

@@ -348,6 +348,13 @@ impl Tls {
         sign::verify(&l.roots, &l.provider, v, cert)
     }
 
+    /// Checks a record's owner signature with `cert` against the fleet CA
+    /// ([`sign::verify_record`]).
+    pub fn verify_record(&self, h: &sync_proto::pb::Holdings, cert: &[u8]) -> Result<(), String> {
+        let l = self.current.read_locked().clone();
+        sign::verify_record(&l.roots, &l.provider, h, cert)
+    }
+
     /// Checks a fleet control's signature with an operator's `cert`
     /// against the fleet CA ([`control::verify`]).
     pub fn verify_control(&self, c: &sync_proto::pb::Control, cert: &[u8]) -> Result<(), String> {

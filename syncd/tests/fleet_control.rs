@@ -118,13 +118,13 @@ async fn an_operator_steers_every_node_from_any_node() {
 
     // Mallory, a fleet node, slips another CA's "alice" into its record.
     let m = Arc::new(Tls::new(tls_files(&ca, &certs, "mallory"), "mallory").unwrap());
-    let mallory = GrpcTransport::with_tls(m);
+    let mallory = GrpcTransport::with_tls(m.clone());
     let impostor = Operator::load(&theirs.join("alice.pem"), &theirs.join("alice.key")).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let record = pb::Holdings {
+    let unsigned = pb::Holdings {
         from: Some(pb::Member {
             node_id: "mallory".into(),
             address: "127.0.0.134:7400".into(),
@@ -137,8 +137,18 @@ async fn an_operator_steers_every_node_from_any_node() {
         certificates: vec![impostor.cert().to_vec()],
         ..Default::default()
     };
+    // Unsigned by its owner, it is refused for that already.
     let e = mallory
-        .exchange(&format!("{b}:7400"), record)
+        .exchange(&format!("{b}:7400"), unsigned.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message()
+            .contains("the record of mallory: not signed by its owner"),
+        "{e}"
+    );
+    let e = mallory
+        .exchange(&format!("{b}:7400"), common::signed_by(&m, unsigned))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");

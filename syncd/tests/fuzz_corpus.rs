@@ -175,6 +175,7 @@ fn write_seed_corpora() {
             time: 1_700_000_000_000,
             signature: vec![3; 64],
         }],
+        signature: vec![4; 64],
     };
     let tagged = |kind: u8, m: &dyn Fn(&mut Vec<u8>)| {
         let mut out = vec![kind];
@@ -227,6 +228,47 @@ fn write_seed_corpora() {
         "peer_messages",
         "gossip-reply",
         &tagged(3, &|o| reply.encode(o).unwrap()),
+    );
+    // The same under TLS (kinds 4, 5): a record really signed by its
+    // owner, its version by its publisher and a control by an operator,
+    // with their certificates (of a CA the fuzzed node does not trust, so
+    // the checks run to the end and refuse).
+    let pki = tempfile::tempdir().unwrap();
+    let ca = pki.path().join("ca");
+    syncd::tls::pki::init(&ca, "seed CA", 3650).unwrap();
+    syncd::tls::pki::issue(&ca, "r1", 3650, pki.path()).unwrap();
+    syncd::tls::pki::issue_operator(&ca, "alice", 3650, pki.path()).unwrap();
+    let r1 = syncd::tls::Tls::new(
+        syncd::tls::TlsFiles {
+            ca: syncd::tls::pki::ca_files(&ca).0,
+            cert: pki.path().join("r1.pem"),
+            key: pki.path().join("r1.key"),
+        },
+        "r1",
+    )
+    .unwrap();
+    let alice = syncd::tls::control::Operator::load(
+        &pki.path().join("alice.pem"),
+        &pki.path().join("alice.key"),
+    )
+    .unwrap();
+    let mut signed = record.clone();
+    for d in signed.dirs.iter_mut().chain(signed.pulling.iter_mut()) {
+        d.publisher = "r1".into();
+        r1.signer().sign(d, 1_700_000_000_000);
+    }
+    signed.controls = vec![alice.sign("www", "pause", "", 1_700_000_000_000)];
+    signed.certificates = vec![alice.cert().to_vec()];
+    r1.signer().sign_record(&mut signed);
+    write(
+        "peer_messages",
+        "exchange-tls",
+        &tagged(4, &|o| signed.encode(o).unwrap()),
+    );
+    write(
+        "peer_messages",
+        "relayed-tls",
+        &tagged(5, &|o| signed.encode(o).unwrap()),
     );
 
     // SWIM: what one node sends another to join, and the answers.

@@ -23,21 +23,29 @@ fn tls_lines(ca: &Path, certs: &Path, id: &str) -> String {
     common::tls_lines(&files(ca, certs, id))
 }
 
-/// Mallory's record, listing `dirs` with `certificates`.
-fn record(seq: u64, dirs: Vec<pb::DirVersion>, certificates: Vec<Vec<u8>>) -> pb::Holdings {
-    pb::Holdings {
-        from: Some(pb::Member {
-            node_id: "mallory".into(),
-            address: "127.0.0.114:7400".into(),
-            labels: Default::default(),
-        }),
-        protocol: syncd::wire::PROTOCOL,
-        incarnation: 1,
-        seq,
-        dirs,
-        certificates,
-        ..Default::default()
-    }
+/// Mallory's record, listing `dirs` with `certificates`, signed by her.
+fn record(
+    m: &Tls,
+    seq: u64,
+    dirs: Vec<pb::DirVersion>,
+    certificates: Vec<Vec<u8>>,
+) -> pb::Holdings {
+    common::signed_by(
+        m,
+        pb::Holdings {
+            from: Some(pb::Member {
+                node_id: "mallory".into(),
+                address: "127.0.0.114:7400".into(),
+                labels: Default::default(),
+            }),
+            protocol: syncd::wire::PROTOCOL,
+            incarnation: 1,
+            seq,
+            dirs,
+            certificates,
+            ..Default::default()
+        },
+    )
 }
 
 fn now_ms() -> u64 {
@@ -93,7 +101,7 @@ async fn only_listed_publishers_move_a_replica_and_never_backwards() {
     let mallory = Arc::new(GrpcTransport::with_tls(m.clone()));
     let to_r1 = format!("{b}:7400");
     let reply = mallory
-        .exchange(&format!("{a}:7400"), record(1, vec![], vec![]))
+        .exchange(&format!("{a}:7400"), record(&m, 1, vec![], vec![]))
         .await
         .unwrap();
     let genuine = reply.dirs[0].clone();
@@ -113,7 +121,7 @@ async fn only_listed_publishers_move_a_replica_and_never_backwards() {
         ..genuine.clone()
     };
     let e = mallory
-        .exchange(&to_r1, record(2, vec![unsigned], vec![]))
+        .exchange(&to_r1, record(&m, 2, vec![unsigned], vec![]))
         .await
         .unwrap_err();
     refused(e, "version 1000 of \"www\" published by \"src\": unsigned");
@@ -126,13 +134,18 @@ async fn only_listed_publishers_move_a_replica_and_never_backwards() {
     let e = mallory
         .exchange(
             &to_r1,
-            record(3, vec![forged.clone()], vec![m.signer().cert().to_vec()]),
+            record(
+                &m,
+                3,
+                vec![forged.clone()],
+                vec![m.signer().cert().to_vec()],
+            ),
         )
         .await
         .unwrap_err();
     refused(e, "no certificate of its publisher came with it");
     let e = mallory
-        .exchange(&to_r1, record(4, vec![forged], src_cert.clone()))
+        .exchange(&to_r1, record(&m, 4, vec![forged], src_cert.clone()))
         .await
         .unwrap_err();
     refused(e, "a signature that does not match its content");
@@ -142,7 +155,7 @@ async fn only_listed_publishers_move_a_replica_and_never_backwards() {
         ..genuine.clone()
     };
     let e = mallory
-        .exchange(&to_r1, record(5, vec![tampered], src_cert.clone()))
+        .exchange(&to_r1, record(&m, 5, vec![tampered], src_cert.clone()))
         .await
         .unwrap_err();
     refused(e, "a signature that does not match its content");
@@ -160,15 +173,21 @@ async fn only_listed_publishers_move_a_replica_and_never_backwards() {
     m.signer().sign(&mut max, now_ms());
     let mallory_cert = vec![m.signer().cert().to_vec()];
     mallory
-        .exchange(&to_r1, record(6, vec![max.clone()], mallory_cert.clone()))
+        .exchange(
+            &to_r1,
+            record(&m, 6, vec![max.clone()], mallory_cert.clone()),
+        )
         .await
         .expect("a version validly signed by a fleet node enters the view");
     let keep = {
-        let (mallory, to, max) = (mallory.clone(), to_r1.clone(), max.clone());
+        let (mallory, to, max, m) = (mallory.clone(), to_r1.clone(), max.clone(), m.clone());
         tokio::spawn(async move {
             for seq in 7.. {
                 let _ = mallory
-                    .exchange(&to, record(seq, vec![max.clone()], mallory_cert.clone()))
+                    .exchange(
+                        &to,
+                        record(&m, seq, vec![max.clone()], mallory_cert.clone()),
+                    )
                     .await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }

@@ -116,8 +116,8 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
     assert!(json["tls"].as_bool().unwrap(), "{json}");
 
     // A fleet certificate gets in, under its own name only.
-    let m = Tls::new(files(&ca, &certs, "mallory"), "mallory").unwrap();
-    let mallory = GrpcTransport::with_tls(Arc::new(m));
+    let m = Arc::new(Tls::new(files(&ca, &certs, "mallory"), "mallory").unwrap());
+    let mallory = GrpcTransport::with_tls(m.clone());
     let e = mallory
         .exchange(&to, record("src", "127.0.0.103:7400"))
         .await
@@ -129,10 +129,14 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         "{e}"
     );
     let reply = mallory
-        .exchange(&to, record("mallory", "127.0.0.103:7400"))
+        .exchange(
+            &to,
+            common::signed_by(&m, record("mallory", "127.0.0.103:7400")),
+        )
         .await
         .expect("its own name is accepted");
-    assert_eq!(reply.from.unwrap().node_id, "src");
+    assert_eq!(reply.from.as_ref().unwrap().node_id, "src");
+    assert_eq!(reply.signature.len(), 64, "src signs its record");
     assert_eq!(mallory.peer_id(&to).as_deref(), Some("src"));
     // Nor can it speak on SWIM as another node.
     let ident = |id: &str, ip: &str| syncd::fleet::membership::Ident {
@@ -223,7 +227,10 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
     // Nor give itself another node's address: r1 dialled src there and
     // saw src's certificate.
     let e = mallory
-        .exchange(&format!("{b}:7400"), record("mallory", &to))
+        .exchange(
+            &format!("{b}:7400"),
+            common::signed_by(&m, record("mallory", &to)),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
@@ -237,5 +244,39 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
     assert!(
         log.contains("refused a peer") && log.contains("mallory at 127.0.0.1"),
         "the refusal names the peer: {log}"
+    );
+
+    // Nor relay src's record changed: here, src no longer carrying www
+    // (r1 would then refuse it reads). The owner's signature gives it away.
+    let mut tampered = reply.clone();
+    tampered.seq += 1000;
+    tampered.reports.clear();
+    tampered.dirs.clear();
+    mallory
+        .gossip(
+            &format!("{b}:7400"),
+            pb::GossipRequest {
+                protocol: syncd::wire::PROTOCOL,
+                from: "mallory".into(),
+                records: vec![tampered],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a push is answered; its bad records are dropped");
+    r1.wait_log(
+        "refused a record its owner did not sign: the record of src: a record signature that does not match its content",
+        1,
+    );
+    let fleet = common::ctl_json(&r1, &["fleet", "www"]);
+    let carriers: Vec<&str> = fleet["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node_id"].as_str())
+        .collect();
+    assert!(
+        carriers.contains(&"src"),
+        "r1 still sees src carry www: {fleet}"
     );
 }

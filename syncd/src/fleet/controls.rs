@@ -214,7 +214,31 @@ mod tests {
             .as_millis() as u64
     }
 
+    /// `id`'s record, signed with `id`'s node key from `certs_dir`.
     fn record(id: &str, seq: u64, controls: Vec<pb::Control>, certs: Vec<Vec<u8>>) -> pb::Holdings {
+        let mut h = unsigned(id, seq, controls, certs);
+        let dir = CERTS.get().unwrap();
+        let tls = Tls::new(
+            TlsFiles {
+                ca: pki::ca_files(&dir.join("..").join("ca")).0,
+                cert: dir.join(format!("{id}.pem")),
+                key: dir.join(format!("{id}.key")),
+            },
+            id,
+        )
+        .unwrap();
+        tls.signer().sign_record(&mut h);
+        h
+    }
+
+    static CERTS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+    fn unsigned(
+        id: &str,
+        seq: u64,
+        controls: Vec<pb::Control>,
+        certs: Vec<Vec<u8>>,
+    ) -> pb::Holdings {
         pb::Holdings {
             from: Some(pb::Member {
                 node_id: id.into(),
@@ -248,6 +272,8 @@ mod tests {
         pki::init(&ca, "test CA", 5).unwrap();
         pki::issue(&ca, "n1", 5, &certs).unwrap();
         pki::issue(&ca, "r1", 5, &certs).unwrap();
+        pki::issue(&ca, "r2", 5, &certs).unwrap();
+        CERTS.set(certs.clone()).unwrap();
         pki::issue_operator(&ca, "alice", 5, &certs).unwrap();
         pki::issue_operator(&ca, "bob", 5, &certs).unwrap();
         let op = |n: &str| {
@@ -301,8 +327,20 @@ mod tests {
         assert_eq!(own.controls, vec![pause.clone()]);
         assert!(own.certificates.contains(&a));
 
-        // Refused whole: no operator certificate, a node's instead, a
-        // tampered control, one signed an hour ahead.
+        // Refused whole: not signed by its owner, no operator
+        // certificate, a node's instead, a tampered control, one signed an
+        // hour ahead.
+        let e = v
+            .learn(
+                unsigned("r2", 1, vec![pause.clone()], vec![a.clone()]),
+                Via::Direct,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the record of r2: not signed by its owner"),
+            "{e}"
+        );
         let node_cert = std::fs::read(certs.join("r1.pem")).unwrap();
         let node_der = rustls::pki_types::pem::PemObject::from_pem_slice(&node_cert)
             .map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec())

@@ -37,6 +37,7 @@ pub mod controls;
 mod digest;
 pub mod gossip;
 pub mod membership;
+mod own;
 pub mod peer;
 mod peers;
 pub mod signed;
@@ -200,52 +201,6 @@ impl FleetView {
         view
     }
 
-    fn own_member(&self) -> pb::Member {
-        pb::Member {
-            node_id: self.id.clone(),
-            address: self.address.clone(),
-            labels: self.labels.clone().into_iter().collect(),
-        }
-    }
-
-    fn build_own(&self, own: &Own, controls: &controls::Controls) -> Arc<pb::Holdings> {
-        let versions = || {
-            own.dirs
-                .values()
-                .flat_map(|d| d.held.iter().chain(d.pulling.iter()))
-        };
-        let mut certificates = match self.signatures.get() {
-            Some(s) => s.certs_of(versions()),
-            None => Vec::new(),
-        };
-        // A control goes only with its operator's certificate.
-        let mut carried = Vec::new();
-        for c in controls.for_record(&own.dirs) {
-            let has = certificates.iter().any(|o| o == c.cert.as_ref());
-            if !has && certificates.len() < wire::MAX_RECORD_CERTS {
-                certificates.push(c.cert.as_ref().clone());
-            }
-            if has || certificates.last().is_some_and(|o| o == c.cert.as_ref()) {
-                carried.push(c.control.clone());
-            }
-        }
-        Arc::new(pb::Holdings {
-            controls: carried,
-            certificates,
-            from: Some(self.own_member()),
-            dirs: own.dirs.values().filter_map(|d| d.held.clone()).collect(),
-            pulling: own
-                .dirs
-                .values()
-                .filter_map(|d| d.pulling.clone())
-                .collect(),
-            protocol: wire::PROTOCOL,
-            incarnation: self.incarnation,
-            seq: own.seq,
-            reports: own.dirs.values().map(|d| d.report.clone()).collect(),
-        })
-    }
-
     /// This node's record as peers get it.
     pub fn own_record(&self) -> Arc<pb::Holdings> {
         self.table.locked().own.record.clone()
@@ -341,7 +296,9 @@ impl FleetView {
         if id == self.id {
             return Ok(false);
         }
-        let controls = self.check_trust(&h, &id, &peer())?;
+        let Some(controls) = self.check_trust(&h, &id, &peer(), via)? else {
+            return Ok(false);
+        };
         let now = self.env.now();
         let size = h.encoded_len();
         let mut t = self.table.locked();

@@ -204,6 +204,26 @@ impl Signatures {
         Err(why)
     }
 
+    /// Checks that a record is signed by its owner, with the owner's
+    /// certificate the record carries.
+    fn check_owner(&self, h: &pb::Holdings, owner: &str) -> Result<(), String> {
+        let mine = h
+            .certificates
+            .iter()
+            .filter(|c| crate::tls::node_id_of(&c.as_slice().into()).as_deref() == Some(owner));
+        let mut why = "no certificate of its owner came with it".to_string();
+        for c in mine {
+            match self.tls.verify_record(h, c) {
+                Ok(()) => return Ok(()),
+                Err(e) => why = e,
+            }
+        }
+        if h.signature.is_empty() {
+            why = "not signed by its owner".into();
+        }
+        Err(why)
+    }
+
     /// Checks every fleet control a record carries.
     fn check_controls(&self, h: &pb::Holdings) -> Result<Vec<Signed>, String> {
         h.controls
@@ -254,6 +274,9 @@ impl FleetView {
     /// From now on every version is signed and checked ([`signed`]).
     pub fn set_tls(&self, tls: Arc<crate::tls::Tls>) {
         let _ = self.signatures.set(Signatures::new(tls));
+        // This node's record is signed from now on.
+        let mut t = self.table.locked();
+        self.bump_own(&mut t);
     }
 
     /// This node's TLS, when it runs it.
@@ -336,15 +359,39 @@ impl FleetView {
     }
 
     /// What a record must pass under TLS before anything of it is used:
-    /// its address is not another node's, every version it lists is
-    /// signed by its publisher and every control by an operator. Returns
-    /// the controls, checked (without TLS there are none to take).
+    /// it is signed by its owner, its address is not another node's, every
+    /// version it lists is signed by its publisher and every control by an
+    /// operator. Returns the controls, checked (without TLS there are none
+    /// to take), or `None` for a relayed record no newer than the one
+    /// held, which would change nothing (so copies cost no checks).
     pub(super) fn check_trust(
         &self,
         h: &pb::Holdings,
         id: &str,
         peer: &str,
-    ) -> Result<Vec<Signed>, crate::error::Refusal> {
+        via: super::Via<'_>,
+    ) -> Result<Option<Vec<Signed>>, crate::error::Refusal> {
+        let Some(s) = self.signatures.get() else {
+            return Ok(Some(Vec::new()));
+        };
+        if matches!(via, super::Via::Relay(_))
+            && self
+                .table
+                .locked()
+                .peers
+                .get(id)
+                .is_some_and(|p| p.key() >= (h.incarnation, h.seq))
+        {
+            return Ok(None);
+        }
+        if let Err(reason) = s.check_owner(h, id) {
+            let reason = format!("the record of {id}: {reason}");
+            tracing::warn!(peer = %peer, "refused a record its owner did not sign: {reason}");
+            return Err(crate::error::Refusal::Invalid {
+                peer: peer.to_string(),
+                reason,
+            });
+        }
         let address = h.from.as_ref().map_or("", |m| m.address.as_str());
         if let Some(holder) = self.squatting(id, address) {
             let reason = format!(
@@ -357,9 +404,7 @@ impl FleetView {
                 reason,
             });
         }
-        if let Some(s) = self.signatures.get()
-            && let Err(reason) = s.check_record(h)
-        {
+        if let Err(reason) = s.check_record(h) {
             let reason = format!("in the record of {id}: {reason}");
             tracing::warn!(peer = %peer, "refused a record with a version no publisher signed: {reason}");
             return Err(crate::error::Refusal::Invalid {
@@ -367,10 +412,7 @@ impl FleetView {
                 reason,
             });
         }
-        let Some(s) = self.signatures.get() else {
-            return Ok(Vec::new());
-        };
-        s.check_controls(h).map_err(|reason| {
+        s.check_controls(h).map(Some).map_err(|reason| {
             let reason = format!("in the record of {id}: {reason}");
             tracing::warn!(peer = %peer, "refused a record with a control no operator signed: {reason}");
             crate::error::Refusal::Invalid {

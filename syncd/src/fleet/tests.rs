@@ -430,7 +430,7 @@ async fn records_need_signed_versions_and_publishers_pick_the_newest() {
         Arc::new(MemNet::new().transport("10.0.0.1:7400")),
         1,
     );
-    v.set_tls(me);
+    v.set_tls(me.clone());
     let signed = |by: &Tls, version: u64| {
         let mut d = record("x", version, Default::default(), vec!["www"]).dirs[0].clone();
         d.publisher = if version == 9 { "other" } else { "src" }.into();
@@ -441,37 +441,72 @@ async fn records_need_signed_versions_and_publishers_pick_the_newest() {
         by.signer().sign(&mut d, now);
         d
     };
+    let (r1, r2, r3) = (tls("r1"), tls("r2"), tls("r3"));
+    let owned = |by: &Tls, mut h: pb::Holdings| {
+        by.signer().sign_record(&mut h);
+        h
+    };
     let v2 = signed(&src, 2);
     let mut r = record("r1", 1, Default::default(), vec![]);
     r.dirs = vec![v2.clone()];
-    // Without the publisher's certificate: refused.
+    // Not signed by its owner: refused, relayed or not.
     let e = v
         .learn(r.clone(), Via::Relay("r7"))
         .unwrap_err()
         .to_string();
+    assert!(
+        e.contains("the record of r1: not signed by its owner"),
+        "{e}"
+    );
+    // Signed by another node: refused.
+    let mut forged = owned(&r2, r.clone());
+    forged.certificates[0] = r1.signer().cert().to_vec();
+    let e = v.learn(forged, Via::Relay("r7")).unwrap_err().to_string();
+    assert!(e.contains("does not match its content"), "{e}");
+    // Without the publisher's certificate: refused.
+    let e = v
+        .learn(owned(&r1, r.clone()), Via::Relay("r7"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no certificate of its publisher"), "{e}");
     r.certificates = vec![src.signer().cert().to_vec()];
+    let r = owned(&r1, r);
     assert!(v.learn(r.clone(), Via::Relay("r7")).unwrap());
+    // A relay that changes anything of it is found out.
+    let mut changed = r.clone();
+    changed.seq += 1;
+    changed.reports.push(pb::DirReport {
+        dir: "etc".into(),
+        state: "idle".into(),
+        mode: "replica".into(),
+        ..Default::default()
+    });
+    let e = v.learn(changed, Via::Relay("r7")).unwrap_err().to_string();
+    assert!(e.contains("does not match its content"), "{e}");
     // An unsigned version in an otherwise good record: all refused.
     let mut bad = record("r2", 1, Default::default(), vec!["www"]);
     bad.dirs.push(v2.clone());
     bad.dirs[0].dir = "etc".into();
-    bad.certificates = r.certificates.clone();
-    let e = v.learn(bad, Via::Direct).unwrap_err().to_string();
+    bad.certificates = vec![src.signer().cert().to_vec()];
+    let e = v
+        .learn(owned(&r2, bad), Via::Direct)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("version 1 of \"etc\" published by \"r2\": unsigned"),
         "{e}"
     );
     assert!(!v.peers().iter().any(|(id, _)| id == "r2"));
     // A validly signed higher version by a node not among www's publishers.
-    let mut r3 = record("r3", 1, Default::default(), vec![]);
-    r3.dirs = vec![signed(&other, 9)];
-    r3.certificates = vec![other.signer().cert().to_vec()];
-    assert!(v.learn(r3, Via::Direct).unwrap());
+    let mut r3_record = record("r3", 1, Default::default(), vec![]);
+    r3_record.dirs = vec![signed(&other, 9)];
+    r3_record.certificates = vec![other.signer().cert().to_vec()];
+    assert!(v.learn(owned(&r3, r3_record), Via::Direct).unwrap());
     assert_eq!(v.newest("www").unwrap().version, 9);
     v.set_publishers("www", vec!["src".into()]);
     assert_eq!(v.newest("www").unwrap().version, 2);
-    // Holding v2, this node vouches for it with src's certificate.
+    // Holding v2, this node vouches for it with src's certificate, after
+    // its own, and signs its record.
     v.set_dir(
         "www",
         OwnDir {
@@ -479,7 +514,12 @@ async fn records_need_signed_versions_and_publishers_pick_the_newest() {
             ..Default::default()
         },
     );
-    assert_eq!(v.own_record().certificates, r.certificates);
+    let own = v.own_record();
+    assert_eq!(
+        own.certificates,
+        vec![me.signer().cert().to_vec(), src.signer().cert().to_vec()]
+    );
+    me.verify_record(&own, &own.certificates[0]).unwrap();
 }
 
 /// Issue 11, item 5: a peer that withheld or corrupted a version it

@@ -38,6 +38,108 @@ pub fn payload(v: &pb::DirVersion) -> Vec<u8> {
     p
 }
 
+const RECORD_DOMAIN: &[u8] = b"syncd signed record 1\0";
+
+fn put(p: &mut Vec<u8>, b: &[u8]) {
+    p.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    p.extend_from_slice(b);
+}
+
+/// The bytes a record's owner signs: every field of its `Holdings` but
+/// the signature, in a fixed order (labels sorted), each length-prefixed
+/// — the encoding a relay forwards is not canonical (a map, unknown
+/// fields), this is.
+pub fn record_payload(h: &pb::Holdings) -> Vec<u8> {
+    let mut p = Vec::with_capacity(1024);
+    p.extend_from_slice(RECORD_DOMAIN);
+    let m = h.from.clone().unwrap_or_default();
+    put(&mut p, m.node_id.as_bytes());
+    put(&mut p, m.address.as_bytes());
+    let mut labels: Vec<(&String, &String)> = m.labels.iter().collect();
+    labels.sort();
+    p.extend_from_slice(&(labels.len() as u32).to_be_bytes());
+    for (k, v) in labels {
+        put(&mut p, k.as_bytes());
+        put(&mut p, v.as_bytes());
+    }
+    p.extend_from_slice(&h.protocol.to_be_bytes());
+    p.extend_from_slice(&h.incarnation.to_be_bytes());
+    p.extend_from_slice(&h.seq.to_be_bytes());
+    for list in [&h.dirs, &h.pulling] {
+        p.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        for v in list {
+            put(&mut p, &payload(v));
+            put(&mut p, &v.signature);
+        }
+    }
+    p.extend_from_slice(&(h.reports.len() as u32).to_be_bytes());
+    for r in &h.reports {
+        for t in [&r.dir, &r.state, &r.mode, &r.last_error, &r.control] {
+            put(&mut p, t.as_bytes());
+        }
+        p.extend_from_slice(&r.pending_bytes.to_be_bytes());
+        p.extend_from_slice(&r.rate.to_bits().to_be_bytes());
+    }
+    p.extend_from_slice(&(h.certificates.len() as u32).to_be_bytes());
+    for c in &h.certificates {
+        put(&mut p, c);
+    }
+    p.extend_from_slice(&(h.controls.len() as u32).to_be_bytes());
+    for c in &h.controls {
+        put(&mut p, &super::control::payload(c));
+        put(&mut p, &c.signature);
+    }
+    p
+}
+
+/// Checks that record `h` is signed by its owner with the key of `cert`,
+/// and that `cert` names the owner and chains to `roots` now.
+pub fn verify_record(
+    roots: &RootCertStore,
+    provider: &CryptoProvider,
+    h: &pb::Holdings,
+    cert: &[u8],
+) -> Result<(), String> {
+    let owner = h.from.as_ref().map_or("", |m| m.node_id.as_str());
+    if h.signature.len() != SIGNATURE_BYTES {
+        return Err(if h.signature.is_empty() {
+            "not signed by its owner".to_string()
+        } else {
+            format!("a record signature of {} bytes", h.signature.len())
+        });
+    }
+    let der = CertificateDer::from(cert);
+    if super::node_id_of(&der).as_deref() != Some(owner) {
+        return Err("signed with a certificate that is not its owner's".into());
+    }
+    check_chain(roots, provider, &der, UnixTime::now())
+        .map_err(|e| format!("its owner's certificate is not valid under the fleet CA: {e}"))?;
+    let key = ed25519_key(cert)?;
+    let sig = ed25519_dalek::Signature::from_slice(&h.signature)
+        .map_err(|e| format!("a malformed record signature: {e}"))?;
+    key.verify_strict(&record_payload(h), &sig)
+        .map_err(|_| "a record signature that does not match its content".to_string())
+}
+
+/// A node certificate's chain to the fleet CA, at `at`.
+fn check_chain(
+    roots: &RootCertStore,
+    provider: &CryptoProvider,
+    der: &CertificateDer<'_>,
+    at: UnixTime,
+) -> Result<(), String> {
+    let parsed = rustls::server::ParsedCertificate::try_from(der)
+        .map_err(|e| format!("it does not parse: {e}"))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        &[],
+        at,
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// This node's signing key and the certificate that vouches for it.
 pub struct Signer {
     key: SigningKey,
@@ -75,6 +177,18 @@ impl Signer {
         v.signature = self.key.sign(&payload(v)).to_bytes().to_vec();
     }
 
+    /// Signs this node's own record, its certificate first among those
+    /// the record carries.
+    pub fn sign_record(&self, h: &mut pb::Holdings) {
+        if h.certificates.first() != Some(self.cert.as_ref()) {
+            h.certificates.retain(|c| c != self.cert.as_ref());
+            h.certificates.insert(0, self.cert.as_ref().clone());
+            h.certificates.truncate(crate::wire::MAX_RECORD_CERTS);
+        }
+        h.signature = Vec::new();
+        h.signature = self.key.sign(&record_payload(h)).to_bytes().to_vec();
+    }
+
     /// The certificate (DER) a verifier needs.
     pub fn cert(&self) -> Arc<Vec<u8>> {
         self.cert.clone()
@@ -107,16 +221,8 @@ pub fn verify(
         }
         None => return Err("signed with a certificate that names no node".into()),
     }
-    let parsed = rustls::server::ParsedCertificate::try_from(&der)
-        .map_err(|e| format!("the publisher's certificate does not parse: {e}"))?;
     let at = UnixTime::since_unix_epoch(Duration::from_millis(v.time));
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &parsed,
-        roots,
-        &[],
-        at,
-        provider.signature_verification_algorithms.all,
-    )
+    check_chain(roots, provider, &der, at)
     .map_err(|e| format!("the publisher's certificate is not valid under the fleet CA when the version was signed: {e}"))?;
     let key = ed25519_key(cert)?;
     let sig = ed25519_dalek::Signature::from_slice(&v.signature)

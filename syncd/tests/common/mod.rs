@@ -408,3 +408,12 @@ pub fn tls_lines(f: &syncd::tls::TlsFiles) -> String {
         f.key.display()
     )
 }
+
+/// `h` signed by its owner, as a node signs its own record under TLS.
+pub fn signed_by(
+    tls: &syncd::tls::Tls,
+    mut h: sync_proto::pb::Holdings,
+) -> sync_proto::pb::Holdings {
+    tls.signer().sign_record(&mut h);
+    h
+}
