@@ -30,6 +30,7 @@ pub use crate::transport::grpc::MAX_MESSAGE_BYTES;
 pub use crate::transport::{MAX_BATCH_BYTES, MAX_CHUNKS_PER_CALL, MAX_NODES_PER_CALL};
 mod admission;
 mod any_holder;
+mod node_scope;
 use admission::StreamPermits;
 pub use admission::{
     MAX_NODE_CALLS, MAX_NODE_CALLS_PER_PEER, MAX_STREAMS, MAX_STREAMS_PER_PEER, STREAM_STALL,
@@ -61,6 +62,8 @@ pub struct PeerService {
     pub node: Arc<LocalNode>,
     /// Admission of peers' requests (bounded streams and node reads).
     pub serving: Arc<Serving>,
+    /// Under TLS, the nodes each directory's readers may ask for.
+    scopes: Arc<node_scope::NodeScopes>,
 }
 
 impl PeerService {
@@ -71,6 +74,7 @@ impl PeerService {
                 node.serve.streams_per_peer,
             )),
             node,
+            scopes: Default::default(),
         }
     }
 
@@ -193,6 +197,11 @@ impl PeerHandler for PeerService {
             ));
         }
         let ids: Vec<Hash> = ids.iter().map(|b| hash_of(b)).collect::<Result<_, _>>()?;
+        if caller.peer_id.is_some() {
+            self.scopes
+                .check(&self.node, &caller, &req.dir, &ids)
+                .await?;
+        }
         let permit = self.serving.admit_nodes(peer_ip).await?;
         let store = self.node.store.clone();
         let nodes = self

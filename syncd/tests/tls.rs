@@ -279,4 +279,69 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         carriers.contains(&"src"),
         "r1 still sees src carry www: {fleet}"
     );
+
+    // Declaring www, mallory reads www's manifest — but not another
+    // directory's under www's name: src also carries "secret", whose root
+    // is in its record for all to see, and nodes are shared by content.
+    let secret = src.base.join("secret");
+    fs::create_dir_all(&secret).unwrap();
+    fs::write(secret.join("key.pem"), b"not for mallory").unwrap();
+    fs::write(
+        src.base.join("dirs.d/secret.toml"),
+        format!(
+            "id = \"secret\"\npath = \"{}\"\nmode = \"source\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    src.hup();
+    let mut seq = 10;
+    let (www_root, secret_root) = common::until(30, "src publishes secret", || {
+        seq += 1;
+        let mut h = record("mallory", "127.0.0.103:7400");
+        h.seq = seq;
+        h.reports = vec![pb::DirReport {
+            dir: "www".into(),
+            state: "idle".into(),
+            mode: "replica".into(),
+            ..Default::default()
+        }];
+        let reply = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(mallory.exchange(&to, common::signed_by(&m, h)))
+        })
+        .ok()?;
+        let root = |d: &str| {
+            reply
+                .dirs
+                .iter()
+                .find(|v| v.dir == d)
+                .map(|v| v.root.clone())
+        };
+        Some((root("www")?, root("secret")?))
+    });
+    let nodes = |dir: &str, id: &[u8]| {
+        mallory.get_nodes(
+            &to,
+            pb::GetNodesRequest {
+                ids: vec![id.to_vec()],
+                dir: dir.into(),
+            },
+        )
+    };
+    let got = nodes("www", &www_root).await.expect("www's own root");
+    assert!(!got.nodes[0].data.is_empty());
+    let e = nodes("www", &secret_root).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message()
+            .contains("is not part of the version of directory \"www\" held here"),
+        "{e}"
+    );
+    let e = nodes("secret", &secret_root).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("does not carry directory \"secret\""),
+        "{e}"
+    );
 }

@@ -51,6 +51,20 @@ impl Store {
         Ok(deleted)
     }
 
+    /// Every manifest node of the version whose root is `root`: its
+    /// directory tree and every file's recipe tree. A peer reading a
+    /// directory's manifest may ask for these and no others (a node of
+    /// another directory is not the way into it).
+    pub fn version_nodes(&self, root: &Hash) -> Result<HashSet<Hash>, Error> {
+        let mut live = HashSet::new();
+        let mut recipes = HashSet::new();
+        self.mark_dir_tree(root, &mut live, &mut recipes)?;
+        for r in &recipes {
+            live.extend(manifest::recipe_node_ids(self, r)?);
+        }
+        Ok(live)
+    }
+
     /// Marks every directory node under `root` and collects file recipes.
     fn mark_dir_tree(
         &self,

@@ -1,0 +1,89 @@
+//! Which manifest nodes a directory's readers may ask for (issue 11,
+//! read authorization): under TLS, `GetNodes` for directory `d` answers
+//! only nodes of the version of `d` this node holds. Nodes are stored by
+//! content, shared between directories; without this, a peer carrying one
+//! directory could read another's tree by asking for its root (roots are
+//! in every record) under the name of the first.
+//!
+//! The set of a version's nodes is computed on the first read after the
+//! version changes (one walk of the tree, as garbage collection does) and
+//! kept per directory until the next version.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use chunk_store::Hash;
+
+use crate::error::Refusal;
+use crate::local::LocalNode;
+use crate::locks::LockExt as _;
+use crate::transport::Caller;
+
+type Nodes = Arc<tokio::sync::OnceCell<Arc<HashSet<Hash>>>>;
+
+/// Per directory: the root whose nodes are readable, and their ids once
+/// walked.
+#[derive(Debug, Default)]
+pub struct NodeScopes {
+    by_dir: Mutex<HashMap<String, (Hash, Nodes)>>,
+}
+
+impl NodeScopes {
+    /// Refuses `ids` unless every one is a node of the version of `dir`
+    /// this node holds.
+    pub async fn check(
+        &self,
+        node: &Arc<LocalNode>,
+        caller: &Caller,
+        dir: &str,
+        ids: &[Hash],
+    ) -> Result<(), Refusal> {
+        let held = node
+            .fleet
+            .own_record()
+            .dirs
+            .iter()
+            .find(|v| v.dir == dir)
+            .and_then(|v| Hash::from_slice(&v.root));
+        let Some(root) = held else {
+            self.by_dir.locked().remove(dir);
+            return Err(Refusal::NotFound(format!(
+                "this node holds no version of directory {:?}",
+                crate::wire::short(dir)
+            )));
+        };
+        let cell = {
+            let mut m = self.by_dir.locked();
+            let e = m
+                .entry(dir.to_string())
+                .or_insert_with(|| (root, Nodes::default()));
+            if e.0 != root {
+                *e = (root, Nodes::default());
+            }
+            e.1.clone()
+        };
+        let store = node.store.clone();
+        let nodes = cell
+            .get_or_try_init(|| async {
+                let walked = node
+                    .env
+                    .blocking(move || store.version_nodes(&root).map(Arc::new))
+                    .await
+                    .map_err(|e| Refusal::Internal(format!("listing the nodes of {root}: {e}")))?;
+                walked.map_err(|e| Refusal::Internal(format!("listing the nodes of {root}: {e}")))
+            })
+            .await?;
+        if let Some(other) = ids.iter().find(|id| !nodes.contains(id)) {
+            let reason = format!(
+                "node {other} is not part of the version of directory {:?} held here",
+                crate::wire::short(dir)
+            );
+            tracing::warn!(peer = %caller.who(), "refused a read: {reason}");
+            return Err(Refusal::Denied {
+                peer: caller.who(),
+                reason,
+            });
+        }
+        Ok(())
+    }
+}
