@@ -168,6 +168,41 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
         .swim(&to, swim_as("mallory"))
         .await
         .expect("a packet under its own name is taken");
+    // Nor declare r1 dead under an identity r1 could never outbid (before,
+    // src then saw r1 dead for good): that update is taken out.
+    {
+        use foca::Codec as _;
+        let mut buf = Vec::new();
+        foca::PostcardCodec
+            .encode_header(
+                &foca::Header {
+                    src: ident("mallory", "127.0.0.103"),
+                    src_incarnation: 0,
+                    dst: syncd::fleet::membership::Ident {
+                        address: to.clone(),
+                        node_id: "src".into(),
+                        bump: reply.incarnation,
+                    },
+                    message: foca::Message::Ping(2),
+                },
+                &mut buf,
+            )
+            .unwrap();
+        buf.extend_from_slice(&1u16.to_be_bytes());
+        let forged = syncd::fleet::membership::Ident {
+            bump: u64::MAX / 2,
+            ..ident("r1", b)
+        };
+        foca::PostcardCodec
+            .encode_member(&foca::Member::new(forged, 0, foca::State::Down), &mut buf)
+            .unwrap();
+        mallory
+            .swim(&to, pb::SwimPacket { data: buf.into() })
+            .await
+            .expect("the rest of the packet is taken");
+        src.wait_log("ignoring a SWIM update from the future: node r1", 1);
+        assert_eq!(common::peer_state(&src, "r1"), "alive");
+    }
     // It carries no directory, so it reads none: not the manifest, not
     // chunks, not have-logs (r1, which carries www, got them above).
     let root = reply.dirs[0].root.clone();

@@ -550,19 +550,12 @@ impl FleetView {
         caller: &crate::transport::Caller,
         data: bytes::Bytes,
     ) -> Result<(), Refusal> {
-        // Under TLS the packet's sender must be the caller's certificate.
-        if caller.peer_id.is_some() {
-            use foca::Codec as _;
-            let header =
-                foca::PostcardCodec
-                    .decode_header(&data[..])
-                    .map_err(|_| Refusal::Invalid {
-                        peer: caller.who(),
-                        reason: "a SWIM packet that does not decode".into(),
-                    })?;
-            let src: &membership::Ident = &header.src;
-            caller.claims("SWIM packet's sender", &src.node_id)?;
-        }
+        // Under TLS: the sender is the caller's certificate, and what it
+        // says of others stays within what they said themselves.
+        let data = match caller.peer_id {
+            Some(_) => self.check_swim(caller, data)?,
+            None => data,
+        };
         let m = &self.metrics;
         m.gossip_messages
             .with_label_values(&["swim", "received"])

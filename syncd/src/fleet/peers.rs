@@ -35,6 +35,9 @@ pub struct PeerState {
     /// Until when its claims are ignored, and why: it listed a version
     /// and withheld or corrupted it ([`super::FleetView::demote`]).
     pub demoted: Option<(tokio::time::Instant, String)>,
+    /// The highest SWIM identity bump it announced itself (in packets it
+    /// sent, under TLS), which bounds what others may say of it.
+    pub swim_bump: u64,
 }
 
 impl PeerState {
@@ -54,6 +57,7 @@ impl PeerState {
             corrupt_chunks: 0,
             down_since: None,
             demoted: None,
+            swim_bump: 0,
         }
     }
 

@@ -26,6 +26,9 @@ use super::controls::Signed;
 use crate::locks::LockExt as _;
 use crate::tls::{Tls, control, sign};
 
+/// How many rejoins (each renews a node's SWIM identity, bump + 1) others
+/// may report of a node beyond the identity it announced itself.
+pub const SWIM_RENEWALS: u64 = 64;
 /// Most checked signatures remembered; beyond, all but this node's own
 /// are forgotten (and checked again when next seen).
 const MAX_VERIFIED: usize = 1 << 14;
@@ -348,6 +351,94 @@ impl FleetView {
             peer: caller.who(),
             reason,
         })
+    }
+
+    /// A SWIM packet under TLS: its sender must be the caller's
+    /// certificate, and no update in it may give another node a later
+    /// identity (bump) than that node announced itself — in its signed
+    /// record (its start) or in packets it sent — plus [`SWIM_RENEWALS`]
+    /// rejoins. Otherwise one peer could declare another down under an
+    /// identity the real node can never outbid (issue 11: "the source
+    /// looks dead for good"). Such updates are taken out of the packet
+    /// (the rest goes to SWIM); what a node says of itself raises its
+    /// bound. A node that restarted is believed once its new record or its
+    /// own packets arrive.
+    pub(super) fn check_swim(
+        &self,
+        caller: &crate::transport::Caller,
+        data: bytes::Bytes,
+    ) -> Result<bytes::Bytes, crate::error::Refusal> {
+        use bytes::{Buf as _, BufMut as _};
+        use foca::Codec as _;
+        let invalid = |reason: String| crate::error::Refusal::Invalid {
+            peer: caller.who(),
+            reason,
+        };
+        let mut buf = &data[..];
+        let header = foca::PostcardCodec
+            .decode_header(&mut buf)
+            .map_err(|_| invalid("a SWIM packet that does not decode".into()))?;
+        let src: &super::Ident = &header.src;
+        caller.claims("SWIM packet's sender", &src.node_id)?;
+        let mut updates = Vec::new();
+        if buf.remaining() >= 2 && header.message != foca::Message::Broadcast {
+            for _ in 0..buf.get_u16() {
+                match foca::PostcardCodec.decode_member(&mut buf) {
+                    Ok(m) => updates.push(m),
+                    Err(_) => return Ok(data), // foca refuses it itself
+                }
+            }
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut t = self.table.locked();
+        if let Some(p) = t.peers.get_mut(&src.node_id) {
+            p.swim_bump = p.swim_bump.max(src.bump);
+        }
+        let before = updates.len();
+        updates.retain(|m| {
+            let id: &super::Ident = m.id();
+            if id.node_id == src.node_id || id.node_id == self.id {
+                return true; // itself; this node refutes what is said of it
+            }
+            let own = t.peers.get(&id.node_id).map_or(0, |p| {
+                p.record
+                    .as_ref()
+                    .map_or(0, |r| r.incarnation)
+                    .max(p.swim_bump)
+            });
+            if own == 0 || id.bump <= own.saturating_add(SWIM_RENEWALS) {
+                return true; // unknown: only an address to try
+            }
+            let what = format!(
+                "node {} at identity {}, beyond the {own} it announced itself",
+                crate::wire::short(&id.node_id),
+                id.bump
+            );
+            if id.bump > now_ms + super::controls::MAX_AHEAD.as_millis() as u64 {
+                tracing::warn!(peer = %caller.who(), "ignoring a SWIM update from the future: {what}");
+            } else {
+                tracing::debug!(peer = %caller.who(), "not believing a SWIM update yet: {what}");
+            }
+            false
+        });
+        drop(t);
+        if updates.len() == before {
+            return Ok(data);
+        }
+        let mut out = Vec::with_capacity(data.len());
+        foca::PostcardCodec
+            .encode_header(&header, &mut out)
+            .map_err(|_| invalid("a SWIM header that does not encode".into()))?;
+        out.put_u16(updates.len() as u16);
+        for m in &updates {
+            foca::PostcardCodec
+                .encode_member(m, &mut out)
+                .map_err(|_| invalid("a SWIM member that does not encode".into()))?;
+        }
+        out.extend_from_slice(buf);
+        Ok(out.into())
     }
 
     /// The node that presented its certificate at `address` when this

@@ -570,3 +570,94 @@ async fn a_demoted_peer_is_no_source_for_a_while() {
     learn_both();
     assert_eq!(v.newest("www").unwrap().version, 5);
 }
+
+/// Issue 11, item 3: a SWIM update about another node cannot give it an
+/// identity beyond what the node announced itself (signed record, own
+/// packets) plus a few rejoins; such updates are taken out of the packet,
+/// the rest is kept, and the node's own packets raise its bound.
+#[tokio::test(start_paused = true)]
+async fn swim_updates_cannot_outbid_what_a_node_announced_itself() {
+    use foca::Codec as _;
+    let v = view(
+        "n1",
+        "10.0.0.1:7400",
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        1,
+    );
+    let mut src = record("src", 1, Default::default(), vec![]);
+    src.incarnation = 1_000;
+    src.from.as_mut().unwrap().address = "10.0.0.2:7400".into();
+    assert!(v.learn(src, Via::Direct).unwrap());
+    let ident = |id: &str, bump| Ident {
+        address: format!("10.0.0.{}:7400", id.len()),
+        node_id: id.into(),
+        bump,
+    };
+    let packet = |from: Ident, about: Vec<(Ident, foca::State)>| -> bytes::Bytes {
+        let mut out = Vec::new();
+        foca::PostcardCodec
+            .encode_header(
+                &foca::Header {
+                    src: from,
+                    src_incarnation: 0,
+                    dst: ident("n1", 1),
+                    message: foca::Message::Ping(1),
+                },
+                &mut out,
+            )
+            .unwrap();
+        out.extend_from_slice(&(about.len() as u16).to_be_bytes());
+        for (id, state) in about {
+            foca::PostcardCodec
+                .encode_member(&foca::Member::new(id, 0, state), &mut out)
+                .unwrap();
+        }
+        out.into()
+    };
+    let caller = |id: &str| crate::transport::Caller {
+        ip: None,
+        peer_id: Some(id.into()),
+    };
+    let kept = |b: bytes::Bytes| -> Vec<(String, u64)> {
+        use bytes::Buf as _;
+        let mut buf = &b[..];
+        let _: foca::Header<Ident> = foca::PostcardCodec.decode_header(&mut buf).unwrap();
+        (0..buf.get_u16())
+            .map(|_| {
+                let m: foca::Member<Ident> = foca::PostcardCodec.decode_member(&mut buf).unwrap();
+                (m.id().node_id.clone(), m.id().bump)
+            })
+            .collect()
+    };
+    let mallory = || ident("mallory", 5);
+    // src declared down at an identity it can never outbid: taken out.
+    let out = v
+        .check_swim(
+            &caller("mallory"),
+            packet(
+                mallory(),
+                vec![
+                    (ident("src", u64::MAX / 2), foca::State::Down),
+                    (ident("r2", 7), foca::State::Alive),
+                ],
+            ),
+        )
+        .unwrap();
+    assert_eq!(kept(out), vec![("r2".to_string(), 7)]);
+    // A few rejoins beyond its start are believed.
+    let p = packet(mallory(), vec![(ident("src", 1_010), foca::State::Suspect)]);
+    assert_eq!(v.check_swim(&caller("mallory"), p.clone()).unwrap(), p);
+    let p = packet(mallory(), vec![(ident("src", 5_010), foca::State::Down)]);
+    assert!(kept(v.check_swim(&caller("mallory"), p).unwrap()).is_empty());
+    // src itself announces 5,000 (it restarted): now 5,010 is believed.
+    v.check_swim(&caller("src"), packet(ident("src", 5_000), vec![]))
+        .unwrap();
+    let p = packet(mallory(), vec![(ident("src", 5_010), foca::State::Down)]);
+    assert_eq!(kept(v.check_swim(&caller("mallory"), p).unwrap()).len(), 1);
+    // Nobody speaks as src but src.
+    let e = v
+        .check_swim(&caller("mallory"), packet(ident("src", 9_000), vec![]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("claims \"src\""), "{e}");
+}
