@@ -45,18 +45,20 @@ pub fn manifest_node(data: &[u8]) {
 /// accumulate in it up to its bounds.
 fn view() -> &'static FleetView {
     static VIEW: OnceLock<FleetView> = OnceLock::new();
-    VIEW.get_or_init(|| {
-        FleetView::new(
-            "fuzz".into(),
-            "10.0.0.1:7400".into(),
-            Default::default(),
-            1,
-            vec![],
-            Arc::new(MemNet::new().transport("10.0.0.1:7400")),
-            Arc::new(Env::seeded(1)),
-            Metrics::new().expect("metrics"),
-        )
-    })
+    VIEW.get_or_init(new_view)
+}
+
+fn new_view() -> FleetView {
+    FleetView::new(
+        "fuzz".into(),
+        "10.0.0.1:7400".into(),
+        Default::default(),
+        1,
+        vec![],
+        Arc::new(MemNet::new().transport("10.0.0.1:7400")),
+        Arc::new(Env::seeded(1)),
+        Metrics::new().expect("metrics"),
+    )
 }
 
 /// A second view under mutual TLS, with a fleet CA made once in the
@@ -65,16 +67,7 @@ fn view() -> &'static FleetView {
 fn tls_view() -> &'static FleetView {
     static VIEW: OnceLock<FleetView> = OnceLock::new();
     VIEW.get_or_init(|| {
-        let v = FleetView::new(
-            "fuzz".into(),
-            "10.0.0.1:7400".into(),
-            Default::default(),
-            1,
-            vec![],
-            Arc::new(MemNet::new().transport("10.0.0.1:7400")),
-            Arc::new(Env::seeded(1)),
-            Metrics::new().expect("metrics"),
-        );
+        let v = new_view();
         let dir = config_dir().join("pki");
         let ca = dir.join("ca");
         crate::tls::pki::init(&ca, "fuzz CA", 3650).expect("a fuzz CA");

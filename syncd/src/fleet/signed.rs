@@ -122,18 +122,26 @@ impl Signatures {
         if let Some(c) = self.remembered(&k, certs) {
             return Ok(c);
         }
-        let mut offered = certs
+        let offered = certs
             .iter()
             .zip(ids)
             .filter(|(_, id)| id.as_deref() == Some(v.publisher.as_str()))
-            .map(|(c, _)| c)
-            .peekable();
-        if offered.peek().is_none() {
-            return Err("no certificate of its publisher came with it".into());
-        }
-        let mut why = String::new();
+            .map(|(c, _)| c);
+        self.first_verifying(k, offered, "publisher", |c| self.tls.verify_version(v, c))
+    }
+
+    /// The first of `offered` (the signer's certificates by name) that
+    /// `verify` accepts, remembered under `k`; else why the last failed.
+    fn first_verifying<'a>(
+        &self,
+        k: Key,
+        offered: impl Iterator<Item = &'a Vec<u8>>,
+        signer: &str,
+        verify: impl Fn(&[u8]) -> Result<(), String>,
+    ) -> Result<Arc<Vec<u8>>, String> {
+        let mut why = format!("no certificate of its {signer} came with it");
         for c in offered {
-            match self.tls.verify_version(v, c) {
+            match verify(c) {
                 Ok(()) => {
                     let c = Arc::new(c.clone());
                     self.remember(k, c.clone());
@@ -186,25 +194,12 @@ impl Signatures {
         if let Some(cert) = self.remembered(&k, certs) {
             return Ok(cert);
         }
-        let mut offered = certs
+        let offered = certs
             .iter()
-            .filter(|cert| control::operator_of(cert).as_deref() == Some(c.operator.as_str()))
-            .peekable();
-        if offered.peek().is_none() {
-            return Err("no certificate of its operator came with it".into());
-        }
-        let mut why = String::new();
-        for cert in offered {
-            match self.tls.verify_control(c, cert) {
-                Ok(()) => {
-                    let cert = Arc::new(cert.clone());
-                    self.remember(k, cert.clone());
-                    return Ok(cert);
-                }
-                Err(e) => why = e,
-            }
-        }
-        Err(why)
+            .filter(|cert| control::operator_of(cert).as_deref() == Some(c.operator.as_str()));
+        self.first_verifying(k, offered, "operator", |cert| {
+            self.tls.verify_control(c, cert)
+        })
     }
 
     /// Checks that a record is signed by its owner, with the owner's
