@@ -271,6 +271,7 @@ pub async fn run(
                 if let Some(t) = &tls {
                     match t.reload() {
                         Ok(()) => {
+                            node.fleet.resign();
                             node.metrics.tls_expiry_days.set(t.days_left());
                             tracing::info!(days_left = t.days_left().floor(), "reloaded the TLS certificates");
                         }

@@ -200,7 +200,7 @@ async fn only_fleet_certificates_get_in_and_ids_are_the_certificates() {
             .swim(&to, pb::SwimPacket { data: buf.into() })
             .await
             .expect("the rest of the packet is taken");
-        src.wait_log("ignoring a SWIM update from the future: node r1", 1);
+        src.wait_log("ignoring SWIM updates: node r1 at identity", 1);
         assert_eq!(common::peer_state(&src, "r1"), "alive");
     }
     // It carries no directory, so it reads none: not the manifest, not

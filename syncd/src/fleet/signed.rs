@@ -26,9 +26,16 @@ use super::controls::Signed;
 use crate::locks::LockExt as _;
 use crate::tls::{Tls, control, sign};
 
-/// How many rejoins (each renews a node's SWIM identity, bump + 1) others
-/// may report of a node beyond the identity it announced itself.
-pub const SWIM_RENEWALS: u64 = 64;
+/// The sender's own identity bounds what it says of itself in the same
+/// packet.
+fn src_bump_if(id: &super::Ident, src: &super::Ident) -> u64 {
+    if id.node_id == src.node_id {
+        src.bump
+    } else {
+        0
+    }
+}
+
 /// Most checked signatures remembered; beyond, all but this node's own
 /// are forgotten (and checked again when next seen).
 const MAX_VERIFIED: usize = 1 << 14;
@@ -222,26 +229,29 @@ impl Signatures {
         Err(why)
     }
 
-    /// Checks every fleet control a record carries.
-    fn check_controls(&self, h: &pb::Holdings) -> Result<Vec<Signed>, String> {
-        h.controls
-            .iter()
-            .map(|c| {
-                self.check_control(c, &h.certificates)
-                    .map(|cert| Signed {
-                        control: c.clone(),
-                        cert,
-                    })
-                    .map_err(|e| {
-                        format!(
-                            "the {} of {:?} by operator {:?}: {e}",
-                            c.action,
-                            crate::wire::short(&c.dir),
-                            crate::wire::short(&c.operator)
-                        )
-                    })
-            })
-            .collect()
+    /// The fleet controls of a record that verify here, and why the others
+    /// do not. Those are passed over, not the record: the owner signed it
+    /// whole, and a control this node cannot check (its clock behind the
+    /// operator's, a CA rotated since) must not cost the fleet view every
+    /// record that carries it on.
+    fn check_controls(&self, h: &pb::Holdings) -> (Vec<Signed>, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for c in &h.controls {
+            match self.check_control(c, &h.certificates) {
+                Ok(cert) => ok.push(Signed {
+                    control: c.clone(),
+                    cert,
+                }),
+                Err(e) => bad.push(format!(
+                    "the {} of {:?} by operator {:?}: {e}",
+                    c.action,
+                    crate::wire::short(&c.dir),
+                    crate::wire::short(&c.operator)
+                )),
+            }
+        }
+        (ok, bad)
     }
 
     /// The certificate that vouched for `v` when it was checked.
@@ -275,6 +285,18 @@ impl FleetView {
         // This node's record is signed from now on.
         let mut t = self.table.locked();
         self.bump_own(&mut t);
+    }
+
+    /// Signs this node's record again with the certificate now in use
+    /// (after a reload: records are checked against the owner's
+    /// certificate as of now) and pushes it.
+    pub fn resign(&self) {
+        let mut t = self.table.locked();
+        self.bump_own(&mut t);
+        let record = t.own.record.clone();
+        t.pushes.push((record, Vec::new()));
+        drop(t);
+        self.pushed.notify_one();
     }
 
     /// This node's TLS, when it runs it.
@@ -349,15 +371,20 @@ impl FleetView {
     }
 
     /// A SWIM packet under TLS: its sender must be the caller's
-    /// certificate, and no update in it may give another node a later
-    /// identity (bump) than that node announced itself — in its signed
-    /// record (its start) or in packets it sent — plus [`SWIM_RENEWALS`]
-    /// rejoins. Otherwise one peer could declare another down under an
-    /// identity the real node can never outbid (issue 11: "the source
-    /// looks dead for good"). Such updates are taken out of the packet
-    /// (the rest goes to SWIM); what a node says of itself raises its
-    /// bound. A node that restarted is believed once its new record or its
-    /// own packets arrive.
+    /// certificate, at no address another live node holds, and no update
+    /// in it may
+    /// - put a node at an address another live node holds (foca matches
+    ///   members by address, the larger identity winning), nor
+    /// - give a node a later identity (bump) than it announced itself: in
+    ///   its signed record (its start) or in packets it sent; a node this
+    ///   one knows nothing of, no later than the clock allows.
+    ///
+    /// Otherwise one peer could declare another down under an identity the
+    /// real node never outbids (issue 11: "the source looks dead for
+    /// good"). Such updates are taken out of the packet (the rest goes to
+    /// SWIM); what a node says of itself raises its bound, so a node that
+    /// rejoined or restarted is believed once its own packets or its new
+    /// record arrive.
     pub(super) fn check_swim(
         &self,
         caller: &crate::transport::Caller,
@@ -387,47 +414,90 @@ impl FleetView {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let latest = now_ms + super::controls::MAX_AHEAD.as_millis() as u64;
         let mut t = self.table.locked();
+        // Who holds each address: live peers by their signed records and
+        // where this node met their certificates, and this node itself.
+        let mut holders: HashMap<&str, &str> = t
+            .peers
+            .iter()
+            .filter(|(_, p)| p.live())
+            .map(|(id, p)| (p.address.as_str(), id.as_str()))
+            .collect();
+        holders.insert(self.address.as_str(), self.id.as_str());
+        let squatter = |id: &super::Ident| {
+            holders
+                .get(id.address.as_str())
+                .filter(|holder| **holder != id.node_id)
+                .map(|h| h.to_string())
+                .or_else(|| self.squatting(&id.node_id, &id.address))
+        };
+        if let Some(holder) = squatter(src) {
+            let reason = format!(
+                "its SWIM identity is at {}, the address of node {holder}",
+                crate::wire::short(&src.address)
+            );
+            tracing::warn!(peer = %caller.who(), "refused a SWIM packet: {reason}");
+            return Err(invalid(reason));
+        }
+        // Why each update is not believed (None: it is).
+        let verdicts: Vec<Option<String>> = updates
+            .iter()
+            .map(|m| {
+                let id: &super::Ident = m.id();
+                if id.node_id == self.id {
+                    return None; // this node refutes what is said of it
+                }
+                if let Some(holder) = squatter(id) {
+                    return Some(format!(
+                        "node {} at {}, the address of node {holder}",
+                        crate::wire::short(&id.node_id),
+                        crate::wire::short(&id.address)
+                    ));
+                }
+                let own = match t.peers.get(&id.node_id) {
+                    Some(p) => p
+                        .record
+                        .as_ref()
+                        .map_or(0, |r| r.incarnation)
+                        .max(p.swim_bump),
+                    None => 0,
+                };
+                let bound = if own == 0 {
+                    latest
+                } else {
+                    own.max(src_bump_if(id, src))
+                };
+                (id.bump > bound).then(|| {
+                    format!(
+                        "node {} at identity {}, beyond the {bound} it announced itself",
+                        crate::wire::short(&id.node_id),
+                        id.bump
+                    )
+                })
+            })
+            .collect();
         if let Some(p) = t.peers.get_mut(&src.node_id) {
             p.swim_bump = p.swim_bump.max(src.bump);
         }
-        let before = updates.len();
-        updates.retain(|m| {
-            let id: &super::Ident = m.id();
-            if id.node_id == src.node_id || id.node_id == self.id {
-                return true; // itself; this node refutes what is said of it
-            }
-            let own = t.peers.get(&id.node_id).map_or(0, |p| {
-                p.record
-                    .as_ref()
-                    .map_or(0, |r| r.incarnation)
-                    .max(p.swim_bump)
-            });
-            if own == 0 || id.bump <= own.saturating_add(SWIM_RENEWALS) {
-                return true; // unknown: only an address to try
-            }
-            let what = format!(
-                "node {} at identity {}, beyond the {own} it announced itself",
-                crate::wire::short(&id.node_id),
-                id.bump
-            );
-            if id.bump > now_ms + super::controls::MAX_AHEAD.as_millis() as u64 {
-                tracing::warn!(peer = %caller.who(), "ignoring a SWIM update from the future: {what}");
-            } else {
-                tracing::debug!(peer = %caller.who(), "not believing a SWIM update yet: {what}");
-            }
-            false
-        });
         drop(t);
-        if updates.len() == before {
+        let why: Vec<&str> = verdicts.iter().flatten().map(String::as_str).collect();
+        if why.is_empty() {
             return Ok(data);
         }
+        tracing::warn!(peer = %caller.who(), "ignoring SWIM updates: {}", why.join("; "));
+        let keep: Vec<_> = updates
+            .into_iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_none())
+            .map(|(m, _)| m)
+            .collect();
         let mut out = Vec::with_capacity(data.len());
         foca::PostcardCodec
             .encode_header(&header, &mut out)
             .map_err(|_| invalid("a SWIM header that does not encode".into()))?;
-        out.put_u16(updates.len() as u16);
-        for m in &updates {
+        out.put_u16(keep.len() as u16);
+        for m in &keep {
             foca::PostcardCodec
                 .encode_member(m, &mut out)
                 .map_err(|_| invalid("a SWIM member that does not encode".into()))?;
@@ -445,11 +515,12 @@ impl FleetView {
     }
 
     /// What a record must pass under TLS before anything of it is used:
-    /// it is signed by its owner, its address is not another node's, every
-    /// version it lists is signed by its publisher and every control by an
-    /// operator. Returns the controls, checked (without TLS there are none
-    /// to take), or `None` for a relayed record no newer than the one
-    /// held, which would change nothing (so copies cost no checks).
+    /// it is signed by its owner, its address is not another node's and
+    /// every version it lists is signed by its publisher. Returns the
+    /// controls signed by an operator (others are passed over; without TLS
+    /// there are none to take), or `None` for a relayed record no newer
+    /// than the one held, which would change nothing (so copies cost no
+    /// checks).
     pub(super) fn check_trust(
         &self,
         h: &pb::Holdings,
@@ -498,13 +569,10 @@ impl FleetView {
                 reason,
             });
         }
-        s.check_controls(h).map(Some).map_err(|reason| {
-            let reason = format!("in the record of {id}: {reason}");
-            tracing::warn!(peer = %peer, "refused a record with a control no operator signed: {reason}");
-            crate::error::Refusal::Invalid {
-                peer: peer.to_string(),
-                reason,
-            }
-        })
+        let (controls, bad) = s.check_controls(h);
+        for reason in bad {
+            tracing::warn!(peer = %peer, "ignoring a fleet control no operator of this fleet signed: in the record of {id}: {reason}");
+        }
+        Ok(Some(controls))
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! The set of a version's nodes is computed on the first read after the
 //! version changes (one walk of the tree, as garbage collection does) and
-//! kept per directory until the next version.
+//! kept per directory until the next version. The walk runs in a task of
+//! its own, once per version, whoever asked first: a caller that gives up
+//! does not make the next one start it again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,8 @@ use crate::local::LocalNode;
 use crate::locks::LockExt as _;
 use crate::transport::Caller;
 
-type Nodes = Arc<tokio::sync::OnceCell<Arc<HashSet<Hash>>>>;
+/// The walk's outcome once done (`None` while it runs).
+type Nodes = tokio::sync::watch::Receiver<Option<Result<Arc<HashSet<Hash>>, String>>>;
 
 /// Per directory: the root whose nodes are readable, and their ids once
 /// walked.
@@ -52,27 +55,44 @@ impl NodeScopes {
                 crate::wire::short(dir)
             )));
         };
-        let cell = {
+        let mut walked = {
             let mut m = self.by_dir.locked();
-            let e = m
-                .entry(dir.to_string())
-                .or_insert_with(|| (root, Nodes::default()));
-            if e.0 != root {
-                *e = (root, Nodes::default());
+            match m.get(dir) {
+                Some((r, rx)) if *r == root => rx.clone(),
+                _ => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let (store, env) = (node.store.clone(), node.env.clone());
+                    tokio::spawn(async move {
+                        let r = env
+                            .blocking(move || store.version_nodes(&root))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()));
+                        let _ = tx.send(Some(r.map(Arc::new)));
+                    });
+                    m.insert(dir.to_string(), (root, rx.clone()));
+                    rx
+                }
             }
-            e.1.clone()
         };
-        let store = node.store.clone();
-        let nodes = cell
-            .get_or_try_init(|| async {
-                let walked = node
-                    .env
-                    .blocking(move || store.version_nodes(&root).map(Arc::new))
-                    .await
-                    .map_err(|e| Refusal::Internal(format!("listing the nodes of {root}: {e}")))?;
-                walked.map_err(|e| Refusal::Internal(format!("listing the nodes of {root}: {e}")))
-            })
-            .await?;
+        let done = walked
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Refusal::Internal(format!("listing the nodes of {root}: the walk ended")))?
+            .clone();
+        let nodes = match done {
+            Some(Ok(nodes)) => nodes,
+            Some(Err(e)) => {
+                return Err(Refusal::Internal(format!(
+                    "listing the nodes of {root}: {e}"
+                )));
+            }
+            None => {
+                return Err(Refusal::Internal(format!(
+                    "listing the nodes of {root}: no outcome"
+                )));
+            }
+        };
         if let Some(other) = ids.iter().find(|id| !nodes.contains(id)) {
             let reason = format!(
                 "node {other} is not part of the version of directory {:?} held here",
