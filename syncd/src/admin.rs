@@ -420,10 +420,7 @@ impl pba::admin_server::Admin for AdminService {
             .into_iter()
             .filter(|c| want.is_empty() || c.dir == want)
             .map(|c| pba::FleetControl {
-                time: humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.time),
-                )
-                .to_string(),
+                time: crate::fleet::controls::signed_at(&c),
                 dir: c.dir,
                 action: c.action,
                 priority: c.priority,

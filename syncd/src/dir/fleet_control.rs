@@ -9,24 +9,19 @@
 use sync_proto::pb;
 
 use super::DirHandle;
-use crate::fleet::controls::{Kind, order};
+use crate::fleet::controls::{Kind, order, signed_at};
 
 /// "pause by alice at 2026-12-03T16:20:01Z; priority high by bob at ...".
 pub(super) fn describe(controls: &[pb::Control]) -> String {
     let text = controls
         .iter()
         .map(|c| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.time);
             let what = if c.action == "priority" {
                 format!("priority {}", c.priority)
             } else {
                 c.action.clone()
             };
-            format!(
-                "{what} by {} at {}",
-                c.operator,
-                humantime::format_rfc3339_seconds(at)
-            )
+            format!("{what} by {} at {}", c.operator, signed_at(c))
         })
         .collect::<Vec<_>>()
         .join("; ");

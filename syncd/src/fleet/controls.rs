@@ -49,6 +49,12 @@ pub fn order(c: &pb::Control) -> (u64, &str, &[u8]) {
     (c.time, c.operator.as_str(), c.signature.as_slice())
 }
 
+/// When `c` was signed, as operators read it (RFC 3339, UTC, seconds).
+pub fn signed_at(c: &pb::Control) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(c.time);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// A checked control and the operator certificate that vouches for it.
 #[derive(Debug, Clone)]
 pub struct Signed {

@@ -42,6 +42,14 @@ const MAX_VERIFIED: usize = 1 << 14;
 
 type Key = [u8; 32];
 
+/// The wall clock, ms since the epoch: what signatures are stamped with
+/// and checked against.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn control_key(c: &pb::Control) -> Key {
     let mut h = blake3::Hasher::new();
     h.update(&control::payload(c));
@@ -82,9 +90,7 @@ impl Signatures {
     /// Signs a version this node publishes, stamped with the wall clock.
     pub fn sign(&self, v: &mut pb::DirVersion) {
         let signer = self.tls.signer();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = wall_ms();
         signer.sign(v, now);
         self.remember(key(v), signer.cert());
     }
@@ -187,9 +193,7 @@ impl Signatures {
         c: &pb::Control,
         certs: &[Vec<u8>],
     ) -> Result<Arc<Vec<u8>>, String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = wall_ms();
         let ahead = c.time.saturating_sub(now);
         if ahead > super::controls::MAX_AHEAD.as_millis() as u64 {
             return Err(format!(
@@ -411,17 +415,21 @@ impl FleetView {
                 }
             }
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = wall_ms();
         let latest = now_ms + super::controls::MAX_AHEAD.as_millis() as u64;
         let mut t = self.table.locked();
-        // Who holds each address: live peers by their signed records and
-        // where this node met their certificates, and this node itself.
+        // Who holds the addresses the packet names: live peers by their
+        // signed records and where this node met their certificates, and
+        // this node itself (one pass over the peers, no index of them all).
+        let named: HashSet<&str> = updates
+            .iter()
+            .map(|m: &foca::Member<super::Ident>| m.id().address.as_str())
+            .chain([src.address.as_str()])
+            .collect();
         let mut holders: HashMap<&str, &str> = t
             .peers
             .iter()
-            .filter(|(_, p)| p.live())
+            .filter(|(_, p)| p.live() && named.contains(p.address.as_str()))
             .map(|(id, p)| (p.address.as_str(), id.as_str()))
             .collect();
         holders.insert(self.address.as_str(), self.id.as_str());
